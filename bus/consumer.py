@@ -1,0 +1,279 @@
+"""The one consumer loop: pull, decode strictly, run with in-progress acks, settle.
+
+A handler settles a delivery by returning (ack), raising `Retry` (nak with a
+delay), raising `Reject` (terminate and dead-letter with the reason), or
+raising anything else (nak with exponential backoff; once deliveries run out
+the MAX_DELIVERIES advisory dead-letters it). A message that fails to decode
+is terminated and dead-lettered at once: it can never succeed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig
+
+from bus import codec, topology
+from bus.connection import Bus
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Retry(Exception):
+    """Settle with a NAK: redeliver after `delay` seconds."""
+
+    def __init__(self, delay: float = 0.0, reason: str = "") -> None:
+        super().__init__(reason or f"retry in {delay}s")
+        self.delay = delay
+
+
+class Abandon(Exception):
+    """Settle with nothing: the message now belongs to another delivery (a newer
+    attempt elsewhere), and acking this stale one would delete it under them."""
+
+
+class Reject(Exception):
+    """Settle with TERM and record the message on DEAD with `reason`."""
+
+    def __init__(self, reason: str, job_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.job_id = job_id
+
+
+def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
+    """Exponential backoff for the n-th failed attempt (1-based)."""
+    return float(min(cap, base * (2 ** max(0, attempt - 1))))
+
+
+@dataclass
+class Delivery(Generic[T]):
+    """A fetched message, its decoded body and its delivery metadata."""
+
+    msg: Msg
+    data: T
+    stream: str
+    consumer: str
+    settled: bool = field(default=False)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return dict(self.msg.headers or {})
+
+    @property
+    def num_delivered(self) -> int:
+        return int(self.msg.metadata.num_delivered)
+
+    @property
+    def stream_seq(self) -> int:
+        return int(self.msg.metadata.sequence.stream)
+
+    async def ack(self) -> None:
+        if not self.settled:
+            self.settled = True
+            await self.msg.ack()
+
+    async def nak(self, delay: float | None = None) -> None:
+        if not self.settled:
+            self.settled = True
+            await self.msg.nak(delay=delay if delay else None)
+
+    async def term(self) -> None:
+        if not self.settled:
+            self.settled = True
+            await self.msg.term()
+
+    @contextlib.asynccontextmanager
+    async def keepalive(self, interval: float) -> AsyncIterator[None]:
+        """Send in-progress acks every `interval` s while the body runs."""
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                if self.settled:
+                    return
+                with contextlib.suppress(Exception):
+                    await self.msg.in_progress()
+
+        task = asyncio.create_task(beat())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def decode_or_dead_letter(bus: Bus, msg: Msg, stream: str, consumer: str,
+                                type_: type[T]) -> Delivery[T] | None:
+    """Decode strictly; on failure terminate and dead-letter with the reason.
+
+    `type_` bytes hands the raw body to a handler that decodes it itself.
+    """
+    if type_ is bytes:
+        return Delivery(msg=msg, data=msg.data, stream=stream, consumer=consumer)  # type: ignore[arg-type]
+    try:
+        data = codec.decode(msg.data, type_)
+    except codec.DecodeError as exc:
+        seq = msg.metadata.sequence.stream if msg.reply else None
+        await bus.dead_letter(stream, msg.subject, exc.reason, msg.data,
+                              headers=dict(msg.headers or {}), stream_seq=seq, consumer=consumer)
+        with contextlib.suppress(Exception):
+            await msg.term()
+        return None
+    return Delivery(msg=msg, data=data, stream=stream, consumer=consumer)
+
+
+async def settle(bus: Bus, delivery: Delivery[Any], handler: Callable[[Delivery[Any]], Awaitable[None]],
+                 keepalive_s: float) -> None:
+    """Run `handler` under in-progress acks and settle the delivery by how it ended."""
+    try:
+        async with delivery.keepalive(keepalive_s):
+            await handler(delivery)
+        await delivery.ack()
+    except Retry as r:
+        await delivery.nak(r.delay)
+    except Abandon:
+        delivery.settled = True
+    except Reject as r:
+        await bus.dead_letter(delivery.stream, delivery.msg.subject, r.reason, delivery.msg.data,
+                              headers=delivery.headers, stream_seq=delivery.stream_seq,
+                              consumer=delivery.consumer, deliveries=delivery.num_delivered,
+                              job_id=r.job_id)
+        await delivery.term()
+    except asyncio.CancelledError:
+        # Shutting down mid-handler: let the server redeliver it at once.
+        with contextlib.suppress(Exception):
+            await delivery.nak()
+        raise
+    except Exception:
+        delay = backoff(delivery.num_delivered)
+        log.exception("handler failed on %s (delivery %d); retry in %.1fs",
+                      delivery.msg.subject, delivery.num_delivered, delay)
+        with contextlib.suppress(Exception):
+            await delivery.nak(delay)
+
+
+class ConsumerLoop(Generic[T]):
+    """Pull from one durable consumer with bounded concurrency."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        stream: str,
+        config: ConsumerConfig,
+        type_: type[T],
+        handler: Callable[[Delivery[T]], Awaitable[None]],
+        *,
+        concurrency: int = 16,
+        batch: int = 64,
+        keepalive_s: float | None = None,
+    ) -> None:
+        assert config.durable_name
+        self.bus = bus
+        self.stream = stream
+        self.config = config
+        self.type_ = type_
+        self.handler = handler
+        self.concurrency = concurrency
+        self.batch = batch
+        ack_wait = config.ack_wait or 30.0
+        self.keepalive_s = keepalive_s or max(0.5, ack_wait / 3)
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        await topology.ensure_consumer(self.bus.js, self.stream, self.config)
+        sub = await self.bus.js.pull_subscribe_bind(
+            durable=self.config.durable_name or "", stream=self.stream)
+        try:
+            while not self._stopping.is_set():
+                free = self.concurrency - len(self._tasks)
+                if free <= 0:
+                    await self._slots.acquire()
+                    self._slots.release()
+                    continue
+                try:
+                    msgs = await sub.fetch(batch=min(free, self.batch), timeout=1.0)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                except nats.errors.Error as exc:
+                    log.warning("fetch from %s failed: %s", self.config.durable_name, exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                for msg in msgs:
+                    await self._slots.acquire()
+                    task = asyncio.create_task(self._one(msg))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+        finally:
+            await self.drain()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _one(self, msg: Msg) -> None:
+        try:
+            delivery = await decode_or_dead_letter(
+                self.bus, msg, self.stream, self.config.durable_name or "", self.type_)
+            if delivery is not None:
+                await settle(self.bus, delivery, self.handler, self.keepalive_s)
+        finally:
+            self._slots.release()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
+
+class DeadLetterReaper:
+    """Moves messages that exhausted MaxDeliver onto DEAD (via the server advisory).
+
+    Several reapers may run (one per dispatcher); a queue group makes each
+    advisory handled once. `on_dead` lets the owner react (e.g. mark a job dead).
+    """
+
+    def __init__(self, bus: Bus,
+                 on_dead: Callable[[str, int, bytes, dict[str, str]], Awaitable[None]] | None = None
+                 ) -> None:
+        self.bus = bus
+        self.on_dead = on_dead
+        self._sub: Any = None
+
+    async def start(self) -> None:
+        self._sub = await self.bus.nc.subscribe(
+            topology.MAX_DELIVERIES_ADVISORY, queue="jetfleet-dead-letter", cb=self._handle)
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            adv = codec.decode(msg.data, dict[str, Any])
+            stream, seq = str(adv["stream"]), int(adv["stream_seq"])
+            consumer, deliveries = str(adv.get("consumer", "")), int(adv.get("deliveries", 0))
+            raw = await self.bus.js.get_msg(stream, seq)
+        except Exception as exc:  # the message may already be gone: nothing to move
+            log.warning("max-deliveries advisory not handled: %s", exc)
+            return
+        headers = dict(raw.headers or {})
+        await self.bus.dead_letter(stream, raw.subject or "", f"max deliveries exhausted ({deliveries})",
+                                   raw.data or b"", headers=headers, stream_seq=seq,
+                                   consumer=consumer, deliveries=deliveries)
+        if self.on_dead is not None:
+            await self.on_dead(stream, seq, raw.data or b"", headers)
+        with contextlib.suppress(Exception):
+            await self.bus.js.delete_msg(stream, seq)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()

@@ -1,0 +1,101 @@
+"""KV `jobs`: the latest state per job, changed only by compare-and-set.
+
+Every writer (dispatcher, worker, canceller) goes through `transition`, so
+two writers racing on one job cannot both win: that is how a redelivered job
+never yields a second result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from bus import codec, topology
+from bus.connection import Bus
+from schemas.common import now
+from schemas.events import JobEvent, event_kind
+from schemas.jobs import JobState
+
+Mutation = Callable[[JobState], JobState | None]
+
+
+class JobTable:
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self._kv: KeyValue | None = None
+
+    async def kv(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await self.bus.kv(topology.KV_JOBS)
+        return self._kv
+
+    async def get(self, job_id: str) -> tuple[JobState, int] | None:
+        kv = await self.kv()
+        try:
+            entry = await kv.get(job_id)
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return codec.decode(entry.value, JobState), int(entry.revision or 0)
+
+    async def create(self, state: JobState) -> int | None:
+        """Create the job's record; None when the job id is already known."""
+        kv = await self.kv()
+        state.updated_at = now()
+        try:
+            return int(await kv.create(state.job_id, codec.encode(state)))
+        except KeyWrongLastSequenceError:
+            return None
+
+    async def transition(self, job_id: str, mutate: Mutation,
+                         retries: int = 50) -> tuple[JobState, int] | None:
+        """Apply `mutate` to the latest state with CAS, retrying on conflict.
+
+        `mutate` returns the new state, or None to leave the job as it is
+        (then None is returned). The job must exist.
+        """
+        kv = await self.kv()
+        for _ in range(retries):
+            current = await self.get(job_id)
+            if current is None:
+                return None
+            state, rev = current
+            new = mutate(state)
+            if new is None:
+                return None
+            new.updated_at = now()
+            try:
+                new_rev = await kv.update(job_id, codec.encode(new), last=rev)
+                return new, int(new_rev)
+            except KeyWrongLastSequenceError:
+                await asyncio.sleep(0.005)
+        raise RuntimeError(f"job {job_id}: too many concurrent updates")
+
+    async def update_at(self, state: JobState, revision: int) -> int | None:
+        """CAS write of `state` at `revision`; None if someone else wrote first."""
+        kv = await self.kv()
+        state.updated_at = now()
+        try:
+            return int(await kv.update(state.job_id, codec.encode(state), last=revision))
+        except KeyWrongLastSequenceError:
+            return None
+
+
+async def emit(bus: Bus, event: JobEvent, headers: dict[str, str] | None = None) -> None:
+    """Publish a job event on `events.jobs.<id>` with a stable dedup id."""
+    if not event.event_id:
+        kind = event_kind(event)
+        event.event_id = (f"{event.job_id}.{event.attempt}.{kind}" if kind != "progress"
+                          else f"{event.job_id}.{event.attempt}.progress.{now():.6f}")
+    await bus.publish(topology.job_events(event.job_id), event, msg_id=event.event_id,
+                      headers=headers)
+
+
+def state_dict(state: JobState) -> dict[str, Any]:
+    out: dict[str, Any] = codec.to_builtins(state)
+    return out

@@ -1,0 +1,54 @@
+"""Tunables shared by every component, read once from the environment.
+
+Every name is JETFLEET_<FIELD> (upper case), e.g. JETFLEET_LEASE_TTL_S=5.
+Bucket TTLs are fixed when a bucket is first created, so every process of
+one fleet must agree on them: the launcher passes its environment down.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+@dataclass(frozen=True)
+class Settings:
+    nats_url: str = DEFAULT_NATS_URL
+    nats_creds: str = ""
+    nats_tls_ca: str = ""
+    nats_tls_cert: str = ""
+    nats_tls_key: str = ""
+    # Leases and adverts expire through the bucket TTL when their holder dies.
+    lease_ttl_s: float = 10.0
+    advert_ttl_s: float = 10.0
+    # How long a work message may go without an ack or in-progress before it
+    # is redelivered elsewhere; a dead worker's job restarts within about this.
+    work_ack_wait_s: float = 10.0
+    work_max_deliver: int = 50
+    submit_ack_wait_s: float = 30.0
+    duplicate_window_s: float = 600.0
+    events_max_age_s: float = 7 * 24 * 3600.0
+    events_max_bytes: int = 1 << 30
+    telemetry_max_age_s: float = 24 * 3600.0
+    telemetry_max_bytes: int = 1 << 30
+    dead_max_age_s: float = 30 * 24 * 3600.0
+    jobs_history: int = 5
+    max_payload_bytes: int = 1 << 20
+    replicas: int = 1
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        source = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = source.get(f"JETFLEET_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            kind = type(getattr(cls, f.name))
+            try:
+                values[f.name] = kind(raw)
+            except ValueError as exc:
+                raise ValueError(f"JETFLEET_{f.name.upper()}={raw!r}: expected {kind.__name__}") from exc
+        return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,250 @@
+"""The one declared topology: every stream, consumer, bucket and subject name.
+
+No subject string is spelled anywhere else in jetfleet. `apply()` is
+idempotent and safe when several components start at once: identical configs
+are accepted by the server as no-ops, and nothing is ever deleted here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import BadRequestError
+
+from bus.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# ---- streams -------------------------------------------------------------
+JOBS = "JOBS"
+WORK = "WORK"
+EVENTS = "EVENTS"
+TELEMETRY = "TELEMETRY"
+DEAD = "DEAD"
+
+# ---- KV buckets and object store ------------------------------------------
+KV_JOBS = "jobs"
+KV_CAPABILITIES = "capabilities"
+KV_LEASES = "leases"
+KV_NODES = "nodes"
+KV_RESOURCES = "resources"
+OBJECTS = "objects"
+
+# ---- subjects --------------------------------------------------------------
+SUBMIT = "jobs.submit"
+CANCEL = "jobs.cancel"
+JOBS_ALL = "jobs.>"
+WORK_ALL = "work.>"
+EVENTS_ALL = "events.>"
+JOB_EVENTS_ALL = "events.jobs.>"
+TELEMETRY_ALL = "telemetry.>"
+DEAD_ALL = "dead.>"
+MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>"
+
+DISPATCHER_CONSUMER = "dispatcher"
+CANCEL_CONSUMER = "dispatcher-cancel"
+PRIORITIES = (0, 1, 2)
+
+
+def work_subject(capability_type: str, priority: int) -> str:
+    return f"work.p{priority}.{capability_type}"
+
+
+def work_consumer(capability_type: str, priority: int) -> str:
+    # Consumer names may not contain dots.
+    return f"work-p{priority}-{capability_type.replace('.', '_')}"
+
+
+def work_doorbell(capability_type: str) -> str:
+    """Core-NATS nudge sent after routing, so idle workers fetch at once."""
+    return f"signal.work.{capability_type}"
+
+
+def job_events(job_id: str) -> str:
+    return f"events.jobs.{job_id}"
+
+
+def node_events(node: str) -> str:
+    return f"events.nodes.{node}"
+
+
+def worker_events(worker_id: str) -> str:
+    return f"events.workers.{worker_id}"
+
+
+def telemetry(node: str, kind: str) -> str:
+    return f"telemetry.{node}.{kind}"
+
+
+def dead_subject(stream: str) -> str:
+    return f"dead.{stream.lower()}"
+
+
+DRAIN = "control.drain"  # core NATS: every component stops taking work and finishes
+
+
+def cancel_signal(job_id: str) -> str:
+    """Core-NATS signal to the worker running `job_id` (the KV flag is the record)."""
+    return f"control.cancel.{job_id}"
+
+
+# ---- configuration -----------------------------------------------------------
+
+
+def stream_configs(s: Settings) -> list[js_api.StreamConfig]:
+    file = js_api.StorageType.FILE
+    return [
+        js_api.StreamConfig(
+            name=JOBS,
+            description="job submissions and cancel requests (work queue)",
+            subjects=[JOBS_ALL],
+            retention=js_api.RetentionPolicy.WORK_QUEUE,
+            storage=file,
+            duplicate_window=s.duplicate_window_s,
+            num_replicas=s.replicas,
+        ),
+        js_api.StreamConfig(
+            name=WORK,
+            description="routed work per capability type and priority (work queue)",
+            subjects=[WORK_ALL],
+            retention=js_api.RetentionPolicy.WORK_QUEUE,
+            storage=file,
+            duplicate_window=s.duplicate_window_s,
+            num_replicas=s.replicas,
+        ),
+        js_api.StreamConfig(
+            name=EVENTS,
+            description="job, worker, lease and node lifecycle: the source of truth",
+            subjects=[EVENTS_ALL],
+            retention=js_api.RetentionPolicy.LIMITS,
+            storage=file,
+            max_age=s.events_max_age_s,
+            max_bytes=s.events_max_bytes,
+            duplicate_window=s.duplicate_window_s,
+            num_replicas=s.replicas,
+        ),
+        js_api.StreamConfig(
+            name=TELEMETRY,
+            description="heartbeats, GPU and process metrics, discovered jobs",
+            subjects=[TELEMETRY_ALL],
+            retention=js_api.RetentionPolicy.LIMITS,
+            storage=file,
+            max_age=s.telemetry_max_age_s,
+            max_bytes=s.telemetry_max_bytes,
+            discard=js_api.DiscardPolicy.OLD,
+            num_replicas=s.replicas,
+        ),
+        js_api.StreamConfig(
+            name=DEAD,
+            description="messages that failed to decode or exhausted their deliveries",
+            subjects=[DEAD_ALL],
+            retention=js_api.RetentionPolicy.LIMITS,
+            storage=file,
+            max_age=s.dead_max_age_s,
+            max_bytes=256 << 20,
+            num_replicas=s.replicas,
+        ),
+    ]
+
+
+def kv_configs(s: Settings) -> list[js_api.KeyValueConfig]:
+    file = js_api.StorageType.FILE
+    return [
+        js_api.KeyValueConfig(
+            bucket=KV_JOBS, description="latest state per job", history=s.jobs_history,
+            storage=file, replicas=s.replicas,
+        ),
+        js_api.KeyValueConfig(
+            bucket=KV_CAPABILITIES, description="one advert per live worker",
+            ttl=s.advert_ttl_s, storage=file, replicas=s.replicas,
+        ),
+        js_api.KeyValueConfig(
+            bucket=KV_LEASES, description="one key per device or slot, held by one worker",
+            ttl=s.lease_ttl_s, history=8, storage=file, replicas=s.replicas,
+        ),
+        js_api.KeyValueConfig(
+            bucket=KV_NODES, description="static node inventory", storage=file,
+            replicas=s.replicas,
+        ),
+        js_api.KeyValueConfig(
+            bucket=KV_RESOURCES, description="versioned shared resources", history=16,
+            storage=file, replicas=s.replicas,
+        ),
+    ]
+
+
+def dispatcher_consumer(s: Settings, cancel: bool = False) -> js_api.ConsumerConfig:
+    """Submissions and cancels have their own consumers (filters must not overlap)."""
+    return js_api.ConsumerConfig(
+        durable_name=CANCEL_CONSUMER if cancel else DISPATCHER_CONSUMER,
+        filter_subject=CANCEL if cancel else SUBMIT,
+        ack_policy=js_api.AckPolicy.EXPLICIT,
+        deliver_policy=js_api.DeliverPolicy.ALL,
+        ack_wait=s.submit_ack_wait_s,
+        max_deliver=5,
+        max_ack_pending=10_000,
+    )
+
+
+def work_consumer_config(s: Settings, capability_type: str, priority: int) -> js_api.ConsumerConfig:
+    return js_api.ConsumerConfig(
+        durable_name=work_consumer(capability_type, priority),
+        filter_subject=work_subject(capability_type, priority),
+        ack_policy=js_api.AckPolicy.EXPLICIT,
+        deliver_policy=js_api.DeliverPolicy.ALL,
+        ack_wait=s.work_ack_wait_s,
+        # Workers count attempts themselves (job max_attempts); this only
+        # catches poison messages that kill every worker before it can count.
+        max_deliver=s.work_max_deliver,
+        max_ack_pending=100_000,
+        # Orphaned consumers (a capability nobody serves any more) go away;
+        # their messages stay in the stream until a consumer takes them.
+        inactive_threshold=7 * 24 * 3600.0,
+    )
+
+
+async def _ensure_stream(js: JetStreamContext, cfg: js_api.StreamConfig) -> None:
+    try:
+        await js.add_stream(cfg)
+    except BadRequestError as exc:
+        # 10058: exists with a different configuration. Update in place; never
+        # delete (that would drop durable consumers and their state).
+        if exc.err_code == 10058:
+            log.info("updating stream %s to the declared configuration", cfg.name)
+            await js.update_stream(cfg)
+        else:
+            raise
+
+
+async def apply(js: JetStreamContext, s: Settings) -> None:
+    for cfg in stream_configs(s):
+        await _ensure_stream(js, cfg)
+    for kv in kv_configs(s):
+        try:
+            await js.create_key_value(kv)
+        except BadRequestError as exc:
+            if exc.err_code != 10058:
+                raise
+            log.warning("KV bucket %s exists with another configuration; kept as is", kv.bucket)
+    try:
+        await js.create_object_store(OBJECTS, description="kernel packages, inputs, results")
+    except BadRequestError as exc:
+        if exc.err_code != 10058:
+            raise
+    await ensure_consumer(js, JOBS, dispatcher_consumer(s))
+    await ensure_consumer(js, JOBS, dispatcher_consumer(s, cancel=True))
+
+
+async def ensure_consumer(js: JetStreamContext, stream: str, cfg: js_api.ConsumerConfig) -> None:
+    try:
+        await js.add_consumer(stream, cfg)
+    except BadRequestError as exc:
+        # 10148 / 10013: exists with another config (e.g. a changed ack wait):
+        # the running fleet's durable keeps its position; log and go on.
+        if exc.err_code in (10148, 10013, 10105):
+            log.warning("consumer %s on %s differs from the declared config: %s",
+                        cfg.durable_name, stream, exc.description)
+        else:
+            raise

@@ -1,0 +1,1 @@
+"""Operating jetfleet: the client SDK, the CLI, the launcher and the benchmarks."""

@@ -1,0 +1,1 @@
+"""Every message jetfleet sends, as msgspec Structs: one place to find any shape."""

@@ -1,0 +1,101 @@
+"""Payloads and results of the kernel capabilities (kernel.verify, kernel.profile).
+
+Inputs are strict (`forbid_unknown_fields`) so a typo in a submitted payload is an
+error, not a silently ignored option. Results are lenient so an older reader can
+still decode a newer worker's result.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+Outcome = Literal[
+    "pass", "mismatch", "compile_error", "runtime_error", "timeout", "crashed", "rejected"
+]
+OUTCOMES: tuple[str, ...] = (
+    "pass",
+    "mismatch",
+    "compile_error",
+    "runtime_error",
+    "timeout",
+    "crashed",
+    "rejected",
+)
+
+Dsl = Literal["triton"]
+
+
+class KernelTimings(msgspec.Struct, kw_only=True):
+    """Timings of one profile run. Milliseconds; medians and 10th/90th percentiles."""
+
+    schema: int = 1
+    candidate_ms: float
+    reference_ms: float
+    candidate_p10_ms: float
+    candidate_p90_ms: float
+    reference_p10_ms: float
+    reference_p90_ms: float
+    runs: int
+    warmup: int
+    speedup: float | None
+    # cuda_events on a GPU; perf_counter under the interpreter.
+    method: Literal["cuda_events", "perf_counter"]
+    l2_flush: bool
+    # False under Triton's interpreter: the numbers measure numpy, not a kernel.
+    representative: bool
+
+
+class KernelOutcome(msgspec.Struct, kw_only=True):
+    """The result of one verify or profile evaluation: always a result, never a job failure."""
+
+    schema: int = 1
+    kind: Literal["verify", "profile"]
+    outcome: Outcome
+    correct: bool
+    # Sorted, unique; see agents.kernels.anticheat and agents.kernels.evaluate for meanings.
+    flags: list[str] = msgspec.field(default_factory=list)
+    # Human-readable details behind the flags and the outcome.
+    messages: list[str] = msgspec.field(default_factory=list)
+    max_abs_error: float | None = None
+    mean_abs_error: float | None = None
+    max_rel_error: float | None = None
+    # Trials compared (verify) or timed runs re-checked (profile).
+    trials: int = 0
+    interpreted: bool = False
+    device: str = "cpu"
+    timings: KernelTimings | None = None
+    error: str | None = None
+    traceback: str | None = None
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    returncode: int | None = None
+    signal: int | None = None
+    wall_s: float = 0.0
+
+
+class _KernelPayloadBase(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    schema: int = 1
+    # A library problem by name (agents.kernels.library), or an inline/ref source.
+    problem: str | None = None
+    problem_source: str | None = None
+    problem_ref: dict[str, Any] | None = None
+    candidate_source: str | None = None
+    candidate_ref: dict[str, Any] | None = None
+    dsl: Dsl = "triton"
+    seed: int = 0
+    atol: float | None = None
+    rtol: float | None = None
+    eval_timeout_s: float = 120.0
+
+
+class VerifyPayload(_KernelPayloadBase, kw_only=True, forbid_unknown_fields=True):
+    trials: int = 5
+
+
+class ProfilePayload(_KernelPayloadBase, kw_only=True, forbid_unknown_fields=True):
+    trials: int = 1
+    # None: the evaluator picks (100 runs / 10 warm-ups on a GPU, 3 / 1 interpreted).
+    runs: int | None = None
+    warmup: int | None = None

@@ -1,0 +1,1 @@
+"""Fleet-wide services: dispatcher, monitor, generator/evolver, query API."""

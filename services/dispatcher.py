@@ -1,0 +1,321 @@
+"""The dispatcher: validates submissions on `jobs.submit`, records them in KV
+`jobs`, routes them to `work.p<priority>.<type>`, and handles `jobs.cancel`.
+
+A job is routed even when no worker serves its capability yet: the WORK
+stream holds it until one does. The dispatcher only watches such jobs and
+marks them `unschedulable` (with the reason) after a grace period, then
+`queued` again once a worker that can serve them appears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from opentelemetry.trace import SpanKind
+
+from bus import codec, topology, tracing
+from bus.adverts import AdvertBook
+from bus.connection import Bus
+from bus.consumer import ConsumerLoop, Delivery, DeadLetterReaper, Reject
+from bus.jobtable import JobTable, emit
+from schemas.common import ErrorInfo, is_valid_id, now
+from schemas.events import Cancelled, Dead, Duplicate, Failed, Queued, Submitted, Unschedulable
+from schemas.jobs import (
+    CancelRequest,
+    JobState,
+    JobSubmission,
+    WorkItem,
+    is_valid_capability_type,
+)
+from services.placement import unschedulable_reason
+
+log = logging.getLogger(__name__)
+
+# States from which the dispatcher itself may end a cancelled job: nobody runs it.
+_NOT_RUNNING = frozenset({"submitted", "queued", "unschedulable", "retrying", "lost"})
+
+
+@dataclass
+class _Watch:
+    capability: dict[str, str]
+    resources: object
+    deadline: float
+    marked: bool = False
+    requeues: int = 0
+
+
+class Dispatcher:
+    def __init__(self, bus: Bus, unschedulable_after_s: float = 30.0,
+                 concurrency: int = 64) -> None:
+        self.bus = bus
+        self.jobs = JobTable(bus)
+        self.book = AdvertBook(bus)
+        self.unschedulable_after_s = unschedulable_after_s
+        self._watch: dict[str, _Watch] = {}
+        s = bus.settings
+        self.submits: ConsumerLoop[bytes] = ConsumerLoop(
+            bus, topology.JOBS, topology.dispatcher_consumer(s), bytes, self._on_submit,
+            concurrency=concurrency)
+        self.cancels: ConsumerLoop[bytes] = ConsumerLoop(
+            bus, topology.JOBS, topology.dispatcher_consumer(s, cancel=True), bytes,
+            self._on_cancel, concurrency=8)
+        self.reaper = DeadLetterReaper(bus, on_dead=self._on_dead)
+
+    # ---- submissions -------------------------------------------------------------
+
+    async def _on_submit(self, d: Delivery[bytes]) -> None:
+        with tracing.span("dispatch", kind=SpanKind.CONSUMER, headers=d.headers,
+                          attributes=tracing.messaging_attrs(d.msg.subject, "process")) as span:
+            sub = await self._decode_submission(d)
+            span.set_attribute("jetfleet.job_id", sub.job_id or "")
+            await self._route(sub, d)
+
+    async def _decode_submission(self, d: Delivery[bytes]) -> JobSubmission:
+        try:
+            sub = codec.decode(d.msg.data, JobSubmission)
+            problem = self._validate(sub, len(d.msg.data))
+        except codec.DecodeError as exc:
+            await self._refuse(d.msg.data, "invalid_submission", exc.reason)
+            raise Reject(exc.reason) from None
+        if problem is not None:
+            code, reason = problem
+            await self._refuse(d.msg.data, code, reason, sub.job_id)
+            raise Reject(reason, job_id=sub.job_id)
+        if sub.job_id is None:
+            header_id = d.headers.get("Nats-Msg-Id", "")
+            # A redelivered submission without an id must get the same id again.
+            sub.job_id = header_id if is_valid_id(header_id) else (
+                f"j-{d.stream_seq}-{hashlib.sha256(d.msg.data).hexdigest()[:10]}")
+        return sub
+
+    def _validate(self, sub: JobSubmission, size: int) -> tuple[str, str] | None:
+        ctype = sub.capability.get("type")
+        if not ctype:
+            return "invalid_submission", "capability.type is required"
+        if not is_valid_capability_type(ctype):
+            return "invalid_submission", (
+                f"capability.type {ctype!r} must be dot-separated lower-case words "
+                "([a-z0-9_-]) so it can name a subject")
+        limit = self.bus.settings.max_payload_bytes
+        if size > limit:
+            return "payload_too_large", (
+                f"submission is {size} bytes, over the {limit}-byte limit: put large "
+                "inputs in the object store and pass an ObjRef as payload_ref")
+        return None
+
+    async def _refuse(self, raw: bytes, code: str, reason: str, job_id: str | None = None) -> None:
+        """A submission that can never run: tell its submitter on its event subject
+        when an id can be found, so `wait()` returns instead of hanging."""
+        if job_id is None:
+            with contextlib.suppress(Exception):
+                body = json.loads(raw)
+                candidate = body.get("job_id") if isinstance(body, dict) else None
+                if isinstance(candidate, str) and is_valid_id(candidate):
+                    job_id = candidate
+        if job_id is None:
+            return
+        error = ErrorInfo(code=code, message=reason)
+        state = JobState(job_id=job_id, state="failed", error=error, submitted_at=now(),
+                         ended_at=now(), reason=reason)
+        if await self.jobs.create(state) is None:
+            return  # the id belongs to a job that exists: leave it alone
+        await emit(self.bus, Failed(job_id=job_id, error=error))
+
+    async def _route(self, sub: JobSubmission, d: Delivery[bytes]) -> None:
+        job_id = sub.job_id
+        assert job_id is not None
+        ctype = sub.capability["type"]
+        state = JobState(
+            job_id=job_id, state="submitted", capability=dict(sub.capability),
+            priority=sub.priority, user=sub.user, labels=sub.labels,
+            max_attempts=sub.max_attempts, submitted_at=now(), parent_job_id=sub.parent_job_id,
+        )
+        if await self.jobs.create(state) is None:
+            existing = await self.jobs.get(job_id)
+            if existing is not None and existing[0].state != "submitted":
+                # Known job (another Nats-Msg-Id, or a resubmission): never run twice.
+                await emit(self.bus, Duplicate(
+                    job_id=job_id, event_id=f"{job_id}.dup.{d.stream_seq}",
+                    reason=f"job {job_id} already exists in state {existing[0].state}"))
+                return
+            # Still 'submitted': an earlier delivery of this very submission died
+            # before routing it. Carry on; the WORK publish below is deduplicated.
+        headers = tracing.inject({})
+        await emit(self.bus, Submitted(job_id=job_id, capability=dict(sub.capability),
+                                       priority=sub.priority, user=sub.user,
+                                       parent_job_id=sub.parent_job_id), headers)
+        item = WorkItem(
+            job_id=job_id, capability=dict(sub.capability), payload=sub.payload,
+            payload_ref=sub.payload_ref, priority=sub.priority, max_attempts=sub.max_attempts,
+            timeout_s=sub.timeout_s, user=sub.user, labels=sub.labels, resources=sub.resources,
+            submitted_at=state.submitted_at, parent_job_id=sub.parent_job_id,
+        )
+        subject = topology.work_subject(ctype, sub.priority)
+        await self.bus.publish(subject, item, msg_id=job_id)
+
+        def to_queued(s: JobState) -> JobState | None:
+            if s.state != "submitted":
+                return None
+            s.state = "queued"
+            return s
+
+        if await self.jobs.transition(job_id, to_queued) is not None:
+            await emit(self.bus, Queued(job_id=job_id, subject=subject), headers)
+        await self.bus.signal(topology.work_doorbell(ctype))
+        self._watch[job_id] = _Watch(dict(sub.capability), sub.resources,
+                                     time.monotonic() + self.unschedulable_after_s)
+        reason = unschedulable_reason(sub.capability, sub.resources, await self.book.adverts())
+        if reason is None:
+            self._watch.pop(job_id, None)
+        elif sub.resources is not None and "no node can satisfy" in reason:
+            # Resources no node could ever hold: say so now rather than after the grace.
+            self._watch[job_id].deadline = 0.0
+
+    # ---- schedulability watch ------------------------------------------------------
+
+    async def _watch_loop(self, interval: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if not self._watch:
+                continue
+            try:
+                await self._sweep()
+            except Exception:
+                log.exception("schedulability sweep failed")
+
+    async def _sweep(self) -> None:
+        adverts = await self.book.adverts()
+        for job_id, w in list(self._watch.items()):
+            reason = unschedulable_reason(w.capability, w.resources, adverts)  # type: ignore[arg-type]
+            if reason is None:
+                if w.marked:
+                    await self._requeue(job_id, w)
+                self._watch.pop(job_id, None)
+            elif not w.marked and time.monotonic() >= w.deadline:
+                w.marked = await self._mark_unschedulable(job_id, reason)
+                if not w.marked:
+                    self._watch.pop(job_id, None)  # it ended (or started) meanwhile
+
+    async def _mark_unschedulable(self, job_id: str, reason: str) -> bool:
+        def mark(s: JobState) -> JobState | None:
+            if s.state not in ("queued", "submitted"):
+                return None
+            s.state, s.reason = "unschedulable", reason
+            return s
+
+        if await self.jobs.transition(job_id, mark) is None:
+            return False
+        await emit(self.bus, Unschedulable(job_id=job_id, reason=reason))
+        return True
+
+    async def _requeue(self, job_id: str, w: _Watch) -> None:
+        def back(s: JobState) -> JobState | None:
+            if s.state != "unschedulable":
+                return None
+            s.state, s.reason = "queued", None
+            return s
+
+        if await self.jobs.transition(job_id, back) is not None:
+            w.requeues += 1
+            await emit(self.bus, Queued(job_id=job_id, event_id=f"{job_id}.0.queued.{w.requeues}",
+                                        subject=topology.work_subject(w.capability["type"], 1)))
+            await self.bus.signal(topology.work_doorbell(w.capability["type"]))
+
+    async def _rebuild_watch(self) -> None:
+        """After a restart, pick up jobs an earlier dispatcher was watching."""
+        kv = await self.jobs.kv()
+        with contextlib.suppress(Exception):
+            for key in await kv.keys():
+                got = await self.jobs.get(key)
+                if got and got[0].state in ("queued", "unschedulable"):
+                    s = got[0]
+                    self._watch[key] = _Watch(s.capability, None, time.monotonic()
+                                              + self.unschedulable_after_s,
+                                              marked=s.state == "unschedulable")
+
+    # ---- cancel ---------------------------------------------------------------------
+
+    async def _on_cancel(self, d: Delivery[bytes]) -> None:
+        try:
+            req = codec.decode(d.msg.data, CancelRequest)
+        except codec.DecodeError as exc:
+            raise Reject(exc.reason) from None
+        await cancel_job(self.bus, self.jobs, req)
+
+    # ---- dead letters --------------------------------------------------------------
+
+    async def _on_dead(self, stream: str, seq: int, raw: bytes, headers: dict[str, str]) -> None:
+        if stream != topology.WORK:
+            return
+        try:
+            item = codec.decode(raw, WorkItem)
+        except codec.DecodeError:
+            return
+        error = ErrorInfo(code="deliveries_exhausted",
+                          message="the work message exhausted its deliveries (workers kept dying)")
+
+        def kill(s: JobState) -> JobState | None:
+            if s.terminal:
+                return None
+            s.state, s.error, s.ended_at = "dead", error, now()
+            return s
+
+        got = await self.jobs.transition(item.job_id, kill)
+        if got is not None:
+            await emit(self.bus, Dead(job_id=item.job_id, attempt=got[0].attempt, error=error,
+                                      errors=[a.error for a in got[0].attempts if a.error]))
+
+    # ---- life ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.reaper.start()
+        await self._rebuild_watch()
+        watch = asyncio.create_task(self._watch_loop(), name="watch")
+        try:
+            await asyncio.gather(self.submits.run(), self.cancels.run())
+        finally:
+            watch.cancel()
+            await self.reaper.stop()
+
+    def stop(self) -> None:
+        self.submits.stop()
+        self.cancels.stop()
+
+
+async def cancel_job(bus: Bus, jobs: JobTable, req: CancelRequest) -> JobState | None:
+    """End a job that nobody runs; flag and signal one that is running."""
+
+    def apply(s: JobState) -> JobState | None:
+        if s.terminal:
+            return None
+        if s.state in _NOT_RUNNING:
+            s.state, s.reason, s.ended_at = "cancelled", req.reason, now()
+        else:
+            if s.cancel_requested:
+                return None
+            s.cancel_requested = True
+            s.reason = req.reason
+        return s
+
+    got = await jobs.transition(req.job_id, apply)
+    if got is None:
+        return None
+    state = got[0]
+    if state.state == "cancelled":
+        await emit(bus, Cancelled(job_id=state.job_id, attempt=state.attempt, reason=req.reason))
+    else:
+        await bus.signal(topology.cancel_signal(state.job_id), req)
+    return state
+
+
+async def main(bus: Bus, unschedulable_after_s: float) -> None:
+    d = Dispatcher(bus, unschedulable_after_s=unschedulable_after_s)
+    await d.run()
+
+

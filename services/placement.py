@@ -1,0 +1,56 @@
+"""Can any live worker ever run this job? (capability labels, then resources)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from schemas.fleet import CapabilityAdvert, DeviceInfo, serves
+from schemas.jobs import Resources
+
+
+def node_devices(adverts: list[CapabilityAdvert]) -> dict[str, dict[str, DeviceInfo]]:
+    """node -> lease key -> device, merged across the node's workers."""
+    out: dict[str, dict[str, DeviceInfo]] = defaultdict(dict)
+    for a in adverts:
+        for d in a.devices:
+            out[a.node][d.key] = d
+    return out
+
+
+def fits(resources: Resources | None, devices: dict[str, DeviceInfo]) -> bool:
+    """Could this node's devices hold `resources` if all of them were free?"""
+    if resources is None or not resources.any():
+        return True
+    gpu_mem: dict[int, int] = defaultdict(int)  # whole-GPU memory, summed over its slots
+    cpus = 0
+    for d in devices.values():
+        if d.kind == "gpu":
+            gpu_mem[d.index] += d.memory_mb
+        else:
+            cpus += 1
+    want = resources.gpus or (1 if resources.gpu_memory_mb else 0)
+    if want > len(gpu_mem) or resources.cpu_slots > cpus:
+        return False
+    if resources.gpu_memory_mb:
+        best = sorted(gpu_mem.values(), reverse=True)[:want]
+        return min(best) >= resources.gpu_memory_mb
+    return True
+
+
+def unschedulable_reason(capability: dict[str, str], resources: Resources | None,
+                         adverts: list[CapabilityAdvert]) -> str | None:
+    """None when some live worker could run the job; else why not, in words."""
+    matching = [a for a in adverts if serves(a.capabilities, capability)]
+    if not matching:
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(capability.items()))
+        return f"no live worker advertises capability {{{labels}}}"
+    if resources is None or not resources.any():
+        return None
+    by_node = node_devices(matching)
+    if any(fits(resources, devs) for devs in by_node.values()):
+        return None
+    most = max((len({d.index for d in devs.values() if d.kind == "gpu"})
+                for devs in by_node.values()), default=0)
+    return (f"no node can satisfy resources gpus={resources.gpus} "
+            f"gpu_memory_mb={resources.gpu_memory_mb} cpu_slots={resources.cpu_slots} "
+            f"(the most GPUs any matching node offers is {most})")
