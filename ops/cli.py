@@ -315,13 +315,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "nats", None):
         os.environ.setdefault("JETFLEET_NATS_URL", args.nats)
+    from bus import tracing
+
+    if args.command != "run":  # components set up their own service name
+        tracing.setup("jetfleet-cli")
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:
         return 130
     except OSError as exc:
-        print(f"jetfleet: {exc}", file=sys.stderr)
+        print(f"jetfleet: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    finally:
+        tracing.shutdown()
 
 
 if __name__ == "__main__":
