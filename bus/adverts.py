@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 
@@ -54,11 +55,15 @@ class AdvertBook:
         self.max_age_s = max_age_s
         self._adverts: list[CapabilityAdvert] = []
         self._at = 0.0
+        # One refresh at a time: many concurrent callers share its answer.
+        self._lock = asyncio.Lock()
 
     async def adverts(self) -> list[CapabilityAdvert]:
         if time.monotonic() - self._at > self.max_age_s:
-            self._adverts = await list_adverts(self.bus)
-            self._at = time.monotonic()
+            async with self._lock:
+                if time.monotonic() - self._at > self.max_age_s:
+                    self._adverts = await list_adverts(self.bus)
+                    self._at = time.monotonic()
         return self._adverts
 
     async def matching(self, wanted: dict[str, str]) -> list[CapabilityAdvert]:

@@ -187,7 +187,6 @@ class ConsumerLoop(Generic[T]):
         self.batch = batch
         ack_wait = config.ack_wait or 30.0
         self.keepalive_s = keepalive_s or max(0.5, ack_wait / 3)
-        self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
 
@@ -199,8 +198,7 @@ class ConsumerLoop(Generic[T]):
             while not self._stopping.is_set():
                 free = self.concurrency - len(self._tasks)
                 if free <= 0:
-                    await self._slots.acquire()
-                    self._slots.release()
+                    await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
                     msgs = await sub.fetch(batch=min(free, self.batch), timeout=1.0)
@@ -211,7 +209,6 @@ class ConsumerLoop(Generic[T]):
                     await asyncio.sleep(0.5)
                     continue
                 for msg in msgs:
-                    await self._slots.acquire()
                     task = asyncio.create_task(self._one(msg))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
@@ -221,13 +218,10 @@ class ConsumerLoop(Generic[T]):
                 await sub.unsubscribe()
 
     async def _one(self, msg: Msg) -> None:
-        try:
-            delivery = await decode_or_dead_letter(
-                self.bus, msg, self.stream, self.config.durable_name or "", self.type_)
-            if delivery is not None:
-                await settle(self.bus, delivery, self.handler, self.keepalive_s)
-        finally:
-            self._slots.release()
+        delivery = await decode_or_dead_letter(
+            self.bus, msg, self.stream, self.config.durable_name or "", self.type_)
+        if delivery is not None:
+            await settle(self.bus, delivery, self.handler, self.keepalive_s)
 
     def stop(self) -> None:
         self._stopping.set()
