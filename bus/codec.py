@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -25,7 +25,7 @@ def encode(obj: Any) -> bytes:
     return _encoder.encode(obj)
 
 
-def decode(data: bytes, type: type[T]) -> T:  # noqa: A002 - mirrors msgspec's own API
+def decode(data: bytes, type: type[T]) -> T:
     dec = _decoders.get(type)
     if dec is None:
         dec = _decoders[type] = msgspec.json.Decoder(type)
@@ -42,7 +42,7 @@ def to_builtins(obj: Any) -> Any:
     return msgspec.to_builtins(obj)
 
 
-def raw_text(data: bytes, limit: int = 64 * 1024) -> tuple[str, str]:
+def raw_text(data: bytes, limit: int = 64 * 1024) -> tuple[str, Literal["utf-8", "base64"]]:
     """Raw bytes as (text, encoding) for a dead letter: utf-8 when possible."""
     data = data[:limit]
     try:

@@ -107,7 +107,8 @@ _decoder = msgspec.json.Decoder(JobEvent)
 
 
 def decode_event(data: bytes) -> JobEvent:
-    return _decoder.decode(data)
+    event: JobEvent = _decoder.decode(data)
+    return event
 
 
 def event_kind(event: JobEvent) -> str:

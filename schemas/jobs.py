@@ -126,6 +126,9 @@ class JobState(Struct, kw_only=True):
     progress: float | None = None
     attempts: list[AttemptRecord] = []
     parent_job_id: str | None = None
+    # JOBS stream sequence of the submission that created this record: tells a
+    # redelivery of the same submission (carry on) from a duplicate (refuse).
+    submit_seq: int | None = None
 
     @property
     def terminal(self) -> bool:

@@ -22,7 +22,7 @@ from opentelemetry.trace import SpanKind
 from bus import codec, topology, tracing
 from bus.adverts import AdvertBook
 from bus.connection import Bus
-from bus.consumer import ConsumerLoop, Delivery, DeadLetterReaper, Reject
+from bus.consumer import ConsumerLoop, DeadLetterReaper, Delivery, Reject
 from bus.jobtable import JobTable, emit
 from schemas.common import ErrorInfo, is_valid_id, now
 from schemas.events import Cancelled, Dead, Duplicate, Failed, Queued, Submitted, Unschedulable
@@ -33,7 +33,7 @@ from schemas.jobs import (
     WorkItem,
     is_valid_capability_type,
 )
-from services.placement import unschedulable_reason
+from services.placement import explain_submission, unschedulable_reason
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,10 @@ class Dispatcher:
             sub = codec.decode(d.msg.data, JobSubmission)
             problem = self._validate(sub, len(d.msg.data))
         except codec.DecodeError as exc:
-            await self._refuse(d.msg.data, "invalid_submission", exc.reason)
-            raise Reject(exc.reason) from None
+            detail = explain_submission(d.msg.data)
+            reason = f"{exc.reason} ({detail})" if detail else exc.reason
+            await self._refuse(d.msg.data, "invalid_submission", reason)
+            raise Reject(reason) from None
         if problem is not None:
             code, reason = problem
             await self._refuse(d.msg.data, code, reason, sub.job_id)
@@ -132,41 +134,39 @@ class Dispatcher:
         assert job_id is not None
         ctype = sub.capability["type"]
         state = JobState(
-            job_id=job_id, state="submitted", capability=dict(sub.capability),
+            job_id=job_id, state="queued", capability=dict(sub.capability),
             priority=sub.priority, user=sub.user, labels=sub.labels,
             max_attempts=sub.max_attempts, submitted_at=now(), parent_job_id=sub.parent_job_id,
+            submit_seq=d.stream_seq,
         )
         if await self.jobs.create(state) is None:
             existing = await self.jobs.get(job_id)
-            if existing is not None and existing[0].state != "submitted":
+            if existing is None or existing[0].submit_seq != d.stream_seq:
                 # Known job (another Nats-Msg-Id, or a resubmission): never run twice.
+                known = existing[0].state if existing else "unknown"
                 await emit(self.bus, Duplicate(
                     job_id=job_id, event_id=f"{job_id}.dup.{d.stream_seq}",
-                    reason=f"job {job_id} already exists in state {existing[0].state}"))
+                    reason=f"job {job_id} already exists in state {known}"))
                 return
-            # Still 'submitted': an earlier delivery of this very submission died
-            # before routing it. Carry on; the WORK publish below is deduplicated.
+            # This very submission, redelivered after an earlier delivery died
+            # part-way: carry on. Events and the WORK publish are deduplicated.
+            state = existing[0]
         headers = tracing.inject({})
-        await emit(self.bus, Submitted(job_id=job_id, capability=dict(sub.capability),
-                                       priority=sub.priority, user=sub.user,
-                                       parent_job_id=sub.parent_job_id), headers)
+        subject = topology.work_subject(ctype, sub.priority)
+        # Both events in one round trip: published in order on one connection,
+        # so the stream keeps them in order.
+        await asyncio.gather(
+            emit(self.bus, Submitted(job_id=job_id, capability=dict(sub.capability),
+                                     priority=sub.priority, user=sub.user,
+                                     parent_job_id=sub.parent_job_id), headers),
+            emit(self.bus, Queued(job_id=job_id, subject=subject), headers))
         item = WorkItem(
             job_id=job_id, capability=dict(sub.capability), payload=sub.payload,
             payload_ref=sub.payload_ref, priority=sub.priority, max_attempts=sub.max_attempts,
             timeout_s=sub.timeout_s, user=sub.user, labels=sub.labels, resources=sub.resources,
             submitted_at=state.submitted_at, parent_job_id=sub.parent_job_id,
         )
-        subject = topology.work_subject(ctype, sub.priority)
         await self.bus.publish(subject, item, msg_id=job_id)
-
-        def to_queued(s: JobState) -> JobState | None:
-            if s.state != "submitted":
-                return None
-            s.state = "queued"
-            return s
-
-        if await self.jobs.transition(job_id, to_queued) is not None:
-            await emit(self.bus, Queued(job_id=job_id, subject=subject), headers)
         await self.bus.signal(topology.work_doorbell(ctype))
         self._watch[job_id] = _Watch(dict(sub.capability), sub.resources,
                                      time.monotonic() + self.unschedulable_after_s)

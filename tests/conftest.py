@@ -122,7 +122,7 @@ class Procs:
 
     def run(self, *args: str, env: dict[str, str] | None = None,
             name: str | None = None) -> subprocess.Popen[bytes]:
-        log = open(self.logdir / f"{name or args[0]}-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        log = open(self.logdir / f"{name or args[0]}-{len(self.procs)}.log", "wb")
         proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "run", *args],
                                 env={**self.env, **(env or {})}, stdout=log,
                                 stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
@@ -186,7 +186,7 @@ async def job_events(bus: Bus, job_id: str) -> list[dict[str, Any]]:
         while True:
             try:
                 msg = await sub.next_msg(timeout=0.5)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 break
             out.append(json.loads(msg.data))
     finally:

@@ -81,7 +81,7 @@ def test_up_stops_cleanly_on_sigint_and_leaves_no_process(tmp_path):
     rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert "jetfleet stopped" in rest
-    gone, alive = psutil.wait_procs(children, timeout=5)
+    _gone, alive = psutil.wait_procs(children, timeout=5)
     assert not alive, [p.pid for p in alive]
     assert server_pids and not any(psutil.pid_exists(p) for p in server_pids)
 
