@@ -33,7 +33,7 @@ async def pull_now(nc: NATS, stream: str, consumer: str, batch: int,
                 break
             try:
                 msg = await sub.next_msg(timeout=left)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 break
             except Exception:
                 break

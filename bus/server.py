@@ -121,7 +121,7 @@ class EmbeddedServer:
             f"  store_dir: {str(self.data_dir / 'jetstream')!r}\n"
             "}\n"
         )
-        log = open(self.log_file, "ab")  # noqa: SIM115 - owned by the child for its life
+        log = open(self.log_file, "ab")
         self.proc = subprocess.Popen(
             [self.binary, "-c", str(conf)],
             stdout=log,

@@ -102,7 +102,7 @@ class Client:
                     raise TimeoutError(f"no terminal event for job {job_id} in {timeout}s")
                 try:
                     msg = await sub.next_msg(timeout=min(left, 1.0))
-                except (TimeoutError, asyncio.TimeoutError):
+                except TimeoutError:
                     if not follow:
                         return
                     continue

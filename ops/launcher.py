@@ -45,7 +45,7 @@ class Child:
     env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
-        log = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
+        log = open(self.log_path, "ab") if self.log_path else None
         self.proc = subprocess.Popen(
             self.argv, env={**os.environ, **self.env}, stdin=subprocess.DEVNULL,
             stdout=log or None, stderr=subprocess.STDOUT if log else None,
