@@ -153,20 +153,21 @@ class Dispatcher:
             state = existing[0]
         headers = tracing.inject({})
         subject = topology.work_subject(ctype, sub.priority)
-        # Both events in one round trip: published in order on one connection,
-        # so the stream keeps them in order.
-        await asyncio.gather(
-            emit(self.bus, Submitted(job_id=job_id, capability=dict(sub.capability),
-                                     priority=sub.priority, user=sub.user,
-                                     parent_job_id=sub.parent_job_id), headers),
-            emit(self.bus, Queued(job_id=job_id, subject=subject), headers))
         item = WorkItem(
             job_id=job_id, capability=dict(sub.capability), payload=sub.payload,
             payload_ref=sub.payload_ref, priority=sub.priority, max_attempts=sub.max_attempts,
             timeout_s=sub.timeout_s, user=sub.user, labels=sub.labels, resources=sub.resources,
             submitted_at=state.submitted_at, parent_job_id=sub.parent_job_id,
         )
-        await self.bus.publish(subject, item, msg_id=job_id)
+        # Events and work item in one round trip: sent in this order on one
+        # connection, so `submitted` and `queued` are stored before any worker
+        # can see the job and say `running`.
+        await asyncio.gather(
+            emit(self.bus, Submitted(job_id=job_id, capability=dict(sub.capability),
+                                     priority=sub.priority, user=sub.user,
+                                     parent_job_id=sub.parent_job_id), headers),
+            emit(self.bus, Queued(job_id=job_id, subject=subject), headers),
+            self.bus.publish(subject, item, msg_id=job_id))
         await self.bus.signal(topology.work_doorbell(ctype))
         self._watch[job_id] = _Watch(dict(sub.capability), sub.resources,
                                      time.monotonic() + self.unschedulable_after_s)
