@@ -187,14 +187,27 @@ class SyncClient:
     def submit_job(self, op_name: str, task_desc: str = "", job_type: str = "single",
                    backend: str | None = None, arch: str | None = None, dsl: str = "triton",
                    framework: str = "torch", workflow: str | None = None, **payload: Any) -> str:
+        """`job_type` single/evolve/generate/verify/profile -> capability kernel.<job_type>.
+
+        backend and arch select the devices that evaluate: labels of the job
+        itself for verify/profile, of its child evaluations otherwise (the
+        evolver that generates candidates runs anywhere).
+        """
+        labels = {k: v for k, v in (("backend", backend), ("arch", arch)) if v}
+        user = payload.pop("user", None)
+        body: dict[str, Any] = {"problem": op_name, "dsl": dsl.split("_")[0], **payload}
         capability = {"type": f"kernel.{job_type}"}
-        if backend:
-            capability["backend"] = backend
-        if arch:
-            capability["arch"] = arch
-        body = {"problem": op_name, "task_desc": task_desc, "dsl": dsl.removesuffix("_cuda"),
-                "framework": framework, **({"workflow": workflow} if workflow else {}), **payload}
-        return self.submit(capability, body, user=payload.pop("user", None))
+        if job_type in ("verify", "profile"):
+            capability.update(labels)
+        else:
+            body["framework"] = framework
+            if task_desc:
+                body["task_desc"] = task_desc
+            if workflow:
+                body["workflow"] = workflow
+            if labels and job_type in ("single", "evolve"):
+                body["child_labels"] = labels
+        return self.submit(capability, body, user=user)
 
     def wait_for_completion(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
         state = self._call(self._client.wait(job_id, timeout))

@@ -29,6 +29,7 @@ log = logging.getLogger("jetfleet")
 COMPONENTS: dict[str, str] = {
     "dispatcher": "routes submissions to work subjects; unschedulable and cancel handling",
     "worker": "runs capabilities (echo, sleep, kernels, your own --app) on leased devices",
+    "evolver": "serves kernel.generate, kernel.single and kernel.evolve",
 }
 
 
@@ -92,9 +93,16 @@ async def _run_worker(bus: Bus, args: argparse.Namespace, stopping: asyncio.Even
     await task
 
 
+async def _run_evolver(bus: Bus, args: argparse.Namespace, stopping: asyncio.Event) -> None:
+    from services.evolver import serve
+
+    await serve(bus, stopping, capacity=args.capacity, worker_id=args.worker_id)
+
+
 RUNNERS: dict[str, Callable[[Bus, argparse.Namespace, asyncio.Event], Awaitable[None]]] = {
     "dispatcher": _run_dispatcher,
     "worker": _run_worker,
+    "evolver": _run_evolver,
 }
 
 

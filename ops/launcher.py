@@ -100,6 +100,9 @@ class Fleet:
             self.children.append(self._component(f"worker-{i}", ["worker", *self.worker_args]))
         for name, args in self.extra:
             self.children.append(self._component(name, args))
+        # The evolver serves kernel.generate, kernel.single and kernel.evolve.
+        if not any(args[:1] == ["evolver"] for _, args in self.extra):
+            self.children.append(self._component("evolver", ["evolver"]))
         for child in self.children:
             child.start()
 

@@ -99,3 +99,64 @@ class ProfilePayload(_KernelPayloadBase, kw_only=True, forbid_unknown_fields=Tru
     # None: the evaluator picks (100 runs / 10 warm-ups on a GPU, 3 / 1 interpreted).
     runs: int | None = None
     warmup: int | None = None
+
+
+# ---- kernel.generate / kernel.single / kernel.evolve (served by services.evolver) ----------
+
+Generator = Literal["auto", "template", "llm"]
+ChildKind = Literal["profile", "verify"]
+
+
+class _GenPayloadBase(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    schema: int = 1
+    problem: str | None = None
+    problem_source: str | None = None
+    problem_ref: dict[str, Any] | None = None
+    # The candidate to start from (template search / mutation); default: the
+    # library problem's own candidate.
+    seed_candidate_source: str | None = None
+    dsl: Dsl = "triton"
+    # "auto": the LLM designer/coder when JETFLEET_LLM_BASE_URL and a model are
+    # configured, else the template search. "llm" fails when none is configured.
+    generator: Generator = "auto"
+    seed: int = 0
+    # Fields the kernel-generation client sends (ops.client.SyncClient.submit_job);
+    # recorded, not interpreted.
+    task_desc: str = ""
+    framework: Literal["torch"] = "torch"
+    workflow: str | None = None
+
+
+class GeneratePayload(_GenPayloadBase, kw_only=True, forbid_unknown_fields=True):
+    n: int = msgspec.field(default=4)
+
+
+class _EvalSettings(_GenPayloadBase, kw_only=True, forbid_unknown_fields=True):
+    atol: float | None = None
+    rtol: float | None = None
+    eval_timeout_s: float = 120.0
+    trials: int | None = None
+    runs: int | None = None
+    warmup: int | None = None
+    # Labels every child evaluation job must match, e.g. {"backend": "cuda"}.
+    child_labels: dict[str, str] = msgspec.field(default_factory=dict)
+    # Attempt limit of each child job (seconds); default eval_timeout_s * 2 + 60.
+    child_timeout_s: float | None = None
+    child_priority: int = 1
+
+
+class SinglePayload(_EvalSettings, kw_only=True, forbid_unknown_fields=True):
+    candidate_source: str | None = None
+    candidate_ref: dict[str, Any] | None = None
+    # profile verifies too; "verify" skips the timing.
+    evaluate: ChildKind = "profile"
+
+
+class EvolvePayload(_EvalSettings, kw_only=True, forbid_unknown_fields=True):
+    max_rounds: int = 3
+    parallel_num: int = 4
+    islands: int = 2
+    elite_size: int = 5
+    # Every this many rounds each island's best is copied to the next island (0: never).
+    migration_interval: int = 2
+    evaluate: ChildKind = "profile"
