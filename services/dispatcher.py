@@ -46,6 +46,7 @@ class _Watch:
     capability: dict[str, str]
     resources: object
     deadline: float
+    priority: int = 1
     marked: bool = False
     requeues: int = 0
 
@@ -170,7 +171,8 @@ class Dispatcher:
             self.bus.publish(subject, item, msg_id=job_id))
         await self.bus.signal(topology.work_doorbell(ctype))
         self._watch[job_id] = _Watch(dict(sub.capability), sub.resources,
-                                     time.monotonic() + self.unschedulable_after_s)
+                                     time.monotonic() + self.unschedulable_after_s,
+                                     priority=sub.priority)
         reason = unschedulable_reason(sub.capability, sub.resources, await self.book.adverts())
         if reason is None:
             self._watch.pop(job_id, None)
@@ -225,7 +227,8 @@ class Dispatcher:
         if await self.jobs.transition(job_id, back) is not None:
             w.requeues += 1
             await emit(self.bus, Queued(job_id=job_id, event_id=f"{job_id}.0.queued.{w.requeues}",
-                                        subject=topology.work_subject(w.capability["type"], 1)))
+                                        subject=topology.work_subject(w.capability["type"],
+                                                                      w.priority)))
             await self.bus.signal(topology.work_doorbell(w.capability["type"]))
 
     async def _rebuild_watch(self) -> None:
@@ -238,7 +241,8 @@ class Dispatcher:
                     s = got[0]
                     self._watch[key] = _Watch(s.capability, None, time.monotonic()
                                               + self.unschedulable_after_s,
-                                              marked=s.state == "unschedulable")
+                                              marked=s.state == "unschedulable",
+                                              priority=s.priority)
 
     # ---- cancel ---------------------------------------------------------------------
 

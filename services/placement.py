@@ -54,3 +54,53 @@ def unschedulable_reason(capability: dict[str, str], resources: Resources | None
     return (f"no node can satisfy resources gpus={resources.gpus} "
             f"gpu_memory_mb={resources.gpu_memory_mb} cpu_slots={resources.cpu_slots} "
             f"(the most GPUs any matching node offers is {most})")
+
+
+# ---- refusing bad input with words ------------------------------------------------------
+
+RESOURCE_NAMES = ("gpus", "gpu_memory_mb", "cpu_slots")
+
+
+def explain_submission(raw: bytes) -> str | None:
+    """Name the offending field of a submission that failed to decode, in
+    words a submitter can act on. msgspec's paths say `$.capability[...]` for
+    a bad dict value without the key; this says which label and why. None
+    when the body is not a JSON object or nothing here applies."""
+    import json
+
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(body, dict):
+        return None
+    problems: list[str] = []
+    for field in ("capability", "labels"):
+        value = body.get(field)
+        if value is None:
+            continue
+        what = "capability label" if field == "capability" else "label"
+        if not isinstance(value, dict):
+            problems.append(f"{field} must be an object of string labels, "
+                            f"got {type(value).__name__}")
+            continue
+        for key, v in value.items():
+            if not isinstance(v, str):
+                problems.append(f"{what} {key!r} must be a string, got {json.dumps(v)}")
+            elif field == "capability" and not 1 <= len(v) <= 128:
+                problems.append(f"{what} {key!r} must be 1 to 128 characters, got {len(v)}")
+    res = body.get("resources")
+    if res is not None:
+        if not isinstance(res, dict):
+            problems.append(f"resources must be an object with {', '.join(RESOURCE_NAMES)}, "
+                            f"got {json.dumps(res)}")
+        else:
+            for key, v in res.items():
+                if key not in RESOURCE_NAMES:
+                    problems.append(f"unknown resource {key!r} (known: "
+                                    f"{', '.join(RESOURCE_NAMES)})")
+                elif not isinstance(v, int) or isinstance(v, bool):
+                    problems.append(f"resource {key} must be a whole number, got {json.dumps(v)}")
+                elif v < 0:
+                    problems.append(f"resource {key} must not be negative, got {v}")
+    return "; ".join(problems) or None

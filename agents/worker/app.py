@@ -45,7 +45,7 @@ class App:
         self.name = name
         self.capabilities: dict[str, CapabilitySpec] = {}
 
-    def capability(self, type: str, *, gpus: int = 0, gpu_memory_mb: int = 0,  # noqa: A002
+    def capability(self, type: str, *, gpus: int = 0, gpu_memory_mb: int = 0,
                    cpu_slots: int = 0, concurrency: int | None = None,
                    **labels: object) -> Callable[[Handler], Handler]:
         if not is_valid_capability_type(type):
