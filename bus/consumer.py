@@ -93,23 +93,32 @@ class Delivery(Generic[T]):
 
     @contextlib.asynccontextmanager
     async def keepalive(self, interval: float) -> AsyncIterator[None]:
-        """Send in-progress acks every `interval` s while the body runs."""
+        """Send in-progress acks every `interval` s while the body runs.
 
-        async def beat() -> None:
-            while True:
-                await asyncio.sleep(interval)
-                if self.settled:
-                    return
-                with contextlib.suppress(Exception):
-                    await self.msg.in_progress()
+        A timer, not a task: most bodies end before the first beat, and a
+        timer costs next to nothing to set and cancel.
+        """
+        loop = asyncio.get_running_loop()
+        handle: asyncio.TimerHandle | None = None
 
-        task = asyncio.create_task(beat())
+        def beat() -> None:
+            nonlocal handle
+            if self.settled:
+                return
+            task = loop.create_task(self.msg.in_progress())
+            task.add_done_callback(_ignore_result)
+            handle = loop.call_later(interval, beat)
+
+        handle = loop.call_later(interval, beat)
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            handle.cancel()
+
+
+def _ignore_result(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved, so a failed beat is not reported as unhandled
 
 
 async def decode_or_dead_letter(bus: Bus, msg: Msg, stream: str, consumer: str,

@@ -439,10 +439,18 @@ class Worker:
             run.task = asyncio.create_task(spec.handler(ctx))
         else:
             run.task = asyncio.create_task(asyncio.to_thread(spec.handler, ctx))
+        # Most short handlers are done within a few milliseconds: spare them
+        # the guard tasks (leases, cancel and timeouts are all far longer).
+        first = min(0.02, item.timeout_s or 0.02)
+        done, _ = await asyncio.wait({run.task}, timeout=first)
+        if done:
+            run.finished = True
+            return run.task.result()
         guards = [asyncio.create_task(self._renew_leases(run)),
                   asyncio.create_task(self._watch_cancel(run))]
         if item.timeout_s:
-            guards.append(asyncio.create_task(self._deadline(run, item.timeout_s)))
+            guards.append(asyncio.create_task(
+                self._deadline(run, max(0.0, item.timeout_s - first))))
         try:
             return await run.task
         finally:
