@@ -397,3 +397,28 @@ async def test_workers_and_leases_cli_and_micro_services(bus, components, client
     assert json.loads(info.data)["running"] == [job]
     await client.cancel(job)
     await client.wait(job, timeout=20)
+
+
+async def test_capability_concurrency_limit_holds_while_the_worker_has_room(components, client):
+    """`concurrency=` on a capability caps it below the worker's capacity."""
+    import asyncio
+
+    from agents.worker import App, JobContext
+
+    app = App()
+    active = {"now": 0, "most": 0}
+
+    @app.capability(type="narrow", concurrency=2)
+    async def narrow(ctx: JobContext) -> dict:
+        active["now"] += 1
+        active["most"] = max(active["most"], active["now"])
+        await asyncio.sleep(0.2)
+        active["now"] -= 1
+        return {}
+
+    await components.dispatcher()
+    await components.worker(app, capacity=8)
+    ids = [await client.submit("narrow") for _ in range(8)]
+    for job_id in ids:
+        assert (await client.wait(job_id, timeout=30)).state == "succeeded"
+    assert active["most"] == 2

@@ -53,6 +53,9 @@ def _backend() -> str:
 BACKEND = _backend()
 # On a CUDA node every evaluation leases one GPU; on a CPU node no device.
 GPUS = 1 if BACKEND == "cuda" else 0
+# On a CPU node an interpreted evaluation keeps a core busy: no more at once
+# (per capability) than there are cores. On a GPU node the leases bound it.
+CONCURRENCY = None if GPUS else max(1, os.cpu_count() or 1)
 LABELS = {"backend": BACKEND, "dsl": "triton"}
 # Per evaluation child (resident memory watchdog; RLIMIT_AS only when interpreted).
 MEMORY_MB = int(os.environ.get("JETFLEET_KERNEL_MEMORY_MB", "4096"))
@@ -107,13 +110,15 @@ async def run_evaluation(ctx: JobContext, kind: str, p: Any) -> dict[str, Any]:
     return result
 
 
-@kernels.capability(type="kernel.verify", gpus=GPUS, backend=BACKEND, dsl="triton")
+@kernels.capability(type="kernel.verify", gpus=GPUS, backend=BACKEND, dsl="triton",
+                    concurrency=CONCURRENCY)
 async def verify(ctx: JobContext) -> dict[str, Any]:
     """Seeded trials of candidate against reference in a sandbox: a KernelOutcome."""
     return await run_evaluation(ctx, "verify", decode_payload(ctx.payload, VerifyPayload))
 
 
-@kernels.capability(type="kernel.profile", gpus=GPUS, backend=BACKEND, dsl="triton")
+@kernels.capability(type="kernel.profile", gpus=GPUS, backend=BACKEND, dsl="triton",
+                    concurrency=CONCURRENCY)
 async def profile(ctx: JobContext) -> dict[str, Any]:
     """Verify, then time candidate and reference in the same sandboxed process."""
     return await run_evaluation(ctx, "profile", decode_payload(ctx.payload, ProfilePayload))

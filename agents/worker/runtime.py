@@ -124,6 +124,7 @@ class Worker:
         self._aging_checked = 0.0
         self._bg: set[asyncio.Task[Any]] = set()
         self.running: dict[str, _Run] = {}
+        self._inflight: dict[str, int] = {}  # messages being handled, per capability
         self.started_at = now()
         self._doorbell = asyncio.Event()
         self._room = asyncio.Event()
@@ -180,8 +181,11 @@ class Worker:
             if (prio, ctype) in seen:
                 continue
             seen.add((prio, ctype))
+            room = self._room_for(ctype, free)
+            if room <= 0:
+                continue  # this capability is at its own concurrency limit
             msgs = await pull_now(self.bus.nc, topology.WORK, topology.work_consumer(ctype, prio),
-                                  free)
+                                  room)
             if not msgs:
                 empty[ctype] = empty.get(ctype, 0) + 1
                 continue
@@ -267,12 +271,24 @@ class Worker:
 
         task.add_done_callback(done)
 
+    def _room_for(self, ctype: str, free: int) -> int:
+        limit = self.specs[ctype].concurrency
+        return free if limit is None else min(free, limit - self._inflight.get(ctype, 0))
+
     async def _execute(self, msg: Msg, ctype: str, prio: int) -> None:
-        delivery = await decode_or_dead_letter(self.bus, msg, topology.WORK,
-                                               topology.work_consumer(ctype, prio), WorkItem)
-        if delivery is not None:
-            keepalive = max(0.5, self.bus.settings.work_ack_wait_s / 4)
-            await settle(self.bus, delivery, self._handle, keepalive)
+        self._inflight[ctype] = self._inflight.get(ctype, 0) + 1
+        try:
+            delivery = await decode_or_dead_letter(self.bus, msg, topology.WORK,
+                                                   topology.work_consumer(ctype, prio), WorkItem)
+            if delivery is not None:
+                keepalive = max(0.5, self.bus.settings.work_ack_wait_s / 4)
+                await settle(self.bus, delivery, self._handle, keepalive)
+        finally:
+            self._inflight[ctype] -= 1
+            if self.specs[ctype].concurrency is not None:
+                # A limited capability has room again: look at its queue now.
+                self._pending.add(ctype)
+                self._doorbell.set()
 
     # ---- one job ----------------------------------------------------------------------
 
