@@ -82,15 +82,7 @@ async def _run_worker(bus: Bus, args: argparse.Namespace, stopping: asyncio.Even
                     use_nvml=not args.no_nvml)
     w = Worker(bus, worker_app(args), inventory=inv, capacity=args.capacity,
                worker_id=args.worker_id)
-    task = asyncio.create_task(w.run())
-    stop_wait = asyncio.create_task(stopping.wait())
-    done, _ = await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        stop_wait.cancel()
-        task.result()
-        return
-    w.stop()
-    await task
+    await w.serve_until(stopping)
 
 
 async def _run_evolver(bus: Bus, args: argparse.Namespace, stopping: asyncio.Event) -> None:

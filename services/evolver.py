@@ -645,12 +645,4 @@ async def serve(bus: Any, stopping: asyncio.Event, *, capacity: int | None = Non
 
     w = Worker(bus, evolver, capacity=capacity or DEFAULT_CAPACITY,
                worker_id=worker_id or f"evolver-{node_name()}-{os.getpid()}")
-    task = asyncio.create_task(w.run())
-    stop_wait = asyncio.create_task(stopping.wait())
-    done, _ = await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        stop_wait.cancel()
-        task.result()
-        return
-    w.stop()
-    await task
+    await w.serve_until(stopping)

@@ -401,10 +401,6 @@ async def test_workers_and_leases_cli_and_micro_services(bus, components, client
 
 async def test_capability_concurrency_limit_holds_while_the_worker_has_room(components, client):
     """`concurrency=` on a capability caps it below the worker's capacity."""
-    import asyncio
-
-    from agents.worker import App, JobContext
-
     app = App()
     active = {"now": 0, "most": 0}
 

@@ -871,6 +871,18 @@ class Worker:
                     await self._service.stop()
             await remove_advert(self.bus, self.worker_id)
 
+    async def serve_until(self, stopping: asyncio.Event) -> None:
+        """Run until `stopping` is set (then drain), or until the worker ends."""
+        task = asyncio.create_task(self.run())
+        stop_wait = asyncio.create_task(stopping.wait())
+        done, _ = await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            stop_wait.cancel()
+            task.result()
+            return
+        self.stop()
+        await task
+
     def stop(self) -> None:
         """Stop taking work; running jobs finish (see drain)."""
         self._stopping.set()
