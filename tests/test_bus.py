@@ -1,0 +1,87 @@
+"""The substrate on its own: server version gate, topology, dead letters by advisory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bus import codec, topology
+from bus.connection import connect
+from bus.server import ServerError, check_version, parse_version
+from bus.settings import Settings
+from schemas.jobs import JobState
+from tests.conftest import eventually
+
+
+def test_old_servers_are_refused_with_a_clear_message():
+    assert parse_version("nats-server: v2.15.1") == (2, 15, 1)
+    assert parse_version("2.11.0-beta.2") == (2, 11, 0)
+    check_version((2, 11, 0))
+    with pytest.raises(ServerError, match=r"2\.10\.22.*needs 2\.11\.0 or newer"):
+        check_version((2, 10, 22))
+
+
+def test_settings_from_env_reject_bad_values():
+    assert Settings.from_env({"JETFLEET_LEASE_TTL_S": "4"}).lease_ttl_s == 4.0
+    with pytest.raises(ValueError, match="JETFLEET_LEASE_TTL_S"):
+        Settings.from_env({"JETFLEET_LEASE_TTL_S": "soon"})
+
+
+async def test_topology_applies_idempotently_from_many_components_at_once(settings):
+    import asyncio
+
+    buses = await asyncio.gather(*(connect(settings, name=f"c{i}") for i in range(4)))
+    try:
+        await asyncio.gather(*(topology.apply(b.js, settings) for b in buses))
+        names = {s.config.name for s in await buses[0].js.streams_info()}
+        assert {topology.JOBS, topology.WORK, topology.EVENTS, topology.TELEMETRY,
+                topology.DEAD} <= names
+        for bucket in (topology.KV_JOBS, topology.KV_CAPABILITIES, topology.KV_LEASES,
+                       topology.KV_NODES, topology.KV_RESOURCES):
+            await buses[0].js.key_value(bucket)
+        await buses[0].js.object_store(topology.OBJECTS)
+    finally:
+        for b in buses:
+            await b.close()
+
+
+async def test_a_message_that_exhausts_its_deliveries_is_dead_lettered(bus, components, client):
+    """A worker that dies on every delivery never gets to count attempts: the
+    server's MAX_DELIVERIES advisory moves the message to DEAD and the job ends dead."""
+    from dataclasses import replace
+
+    await components.dispatcher()
+    job_id = await client.submit("poison", {"x": 1})
+    await eventually(lambda: _state(client, job_id, "queued"))
+    cfg = topology.work_consumer_config(replace(bus.settings, work_max_deliver=2,
+                                                work_ack_wait_s=1.0), "poison", 1)
+    await topology.ensure_consumer(bus.js, topology.WORK, cfg)
+    sub = await bus.js.pull_subscribe_bind(durable=cfg.durable_name, stream=topology.WORK)
+    for _ in range(2):  # two deliveries, each "crashing" before any ack
+        msgs = await sub.fetch(1, timeout=5)
+        assert json.loads(msgs[0].data)["job_id"] == job_id
+        await msgs[0].nak()
+    # The server settles an exhausted message when a worker next asks for work.
+    with pytest.raises(TimeoutError):
+        await sub.fetch(1, timeout=1)
+    dead_sub = await bus.js.subscribe(topology.DEAD_ALL, ordered_consumer=True)
+    letter = json.loads((await dead_sub.next_msg(timeout=15)).data)
+    await dead_sub.unsubscribe()
+    assert "max deliveries exhausted" in letter["reason"]
+    assert letter["stream"] == topology.WORK and letter["deliveries"] == 2
+    assert json.loads(letter["raw"])["job_id"] == job_id
+    state = await eventually(lambda: _state(client, job_id, "dead"))
+    assert state.error.code == "deliveries_exhausted"
+    info = await bus.js.stream_info(topology.WORK)
+    assert info.state.messages == 0  # removed from WORK once recorded on DEAD
+
+
+async def _state(client, job_id, want):
+    s = await client.status(job_id)
+    return s if s is not None and s.state == want else None
+
+
+def test_job_state_round_trips_through_the_codec():
+    s = JobState(job_id="a", state="queued", capability={"type": "echo"})
+    assert codec.decode(codec.encode(s), JobState) == s
