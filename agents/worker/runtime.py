@@ -44,6 +44,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from agents.devices import Inventory, node_name
 from agents.worker.app import App, CapabilitySpec
 from agents.worker.context import Delegate, JobContext, JobError
+from agents.worker.ledger import Ledger
 from bus import codec, topology, tracing
 from bus.adverts import list_adverts, put_advert, remove_advert
 from bus.connection import Bus
@@ -53,18 +54,12 @@ from bus.leases import Lease, LeaseLost, LeaseTable, LeaseWatch
 from bus.pull import pull_now
 from schemas.common import ErrorInfo, now
 from schemas.events import (
-    Cancelled,
-    Dead,
     Delegated,
-    Failed,
-    Lost,
     Progress,
-    Retrying,
     Running,
-    Succeeded,
 )
 from schemas.fleet import CapabilityAdvert, serves
-from schemas.jobs import AttemptRecord, JobState, Resources, WorkItem
+from schemas.jobs import JobState, Resources, WorkItem
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
@@ -116,6 +111,7 @@ class Worker:
         ttl = bus.settings.lease_ttl_s
         self.lease_wait_s = lease_wait_s if lease_wait_s is not None else 2 * ttl
         self.jobs = JobTable(bus)
+        self.ledger = Ledger(bus, self.jobs, self.worker_id, self.node)
         self.leases = LeaseTable(bus, self.node)
         self.lease_watch = LeaseWatch(bus, self.node)
         self._lease_queue = asyncio.Lock()  # waiting jobs take devices in arrival order
@@ -317,7 +313,7 @@ class Worker:
             # holder may have died between the record and its event, so say it
             # again under the same event id (the EVENTS dedup window drops it
             # when it was said), then ack.
-            await self._reemit_terminal(state)
+            await self.ledger.reannounce(state)
             return
         spec = self.specs.get(item.capability.get("type", ""))
         resources = _merge_resources(spec, item.resources)
@@ -327,7 +323,7 @@ class Worker:
             await self._delegate(d, item, "this worker's devices can never hold the job's "
                                           f"resources ({_describe(resources)})")
         if state.cancel_requested:
-            await self._finish_cancelled(item, state.attempt, state.reason or "cancelled")
+            await self.ledger.cancelled(item, state.attempt, state.reason or "cancelled")
             return
         if item.job_id in self.delegated and await self._others_serve(item):
             # Handed back once already (its handler said no): leave it to them.
@@ -336,14 +332,14 @@ class Worker:
             # Its message came back while the job is marked running: the previous
             # attempt's worker stopped heartbeating it (died, or restarted under
             # the same worker id; a live run here was caught above).
-            await self._record_lost(state)
+            await self.ledger.lost(state)
         attempt = state.attempt + 1
         if attempt > item.max_attempts:
-            await self._dead(item, state.attempt, ErrorInfo(
+            await self.ledger.dead(item, state.attempt, ErrorInfo(
                 code="attempts_exhausted", message=f"all {item.max_attempts} attempts used"))
         leases = await self._lease(item, resources)
         try:
-            started = await self._mark_running(item, attempt, leases)
+            started = await self.ledger.start(item, attempt, [lease.device for lease in leases])
         except BaseException:
             await self._release(leases)
             raise
@@ -373,36 +369,13 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self.leases.release(lease)
 
-    async def _reemit_terminal(self, s: JobState) -> None:
-        if s.ended_at is not None and now() - s.ended_at > self.bus.settings.duplicate_window_s / 2:
-            return  # outside the dedup window a second copy would not be dropped
-        event: Any
-        if s.state == "succeeded":
-            event = Succeeded(job_id=s.job_id, attempt=s.attempt, worker_id=s.worker_id,
-                              result=s.result)
-        elif s.state == "failed" and s.attempt > 0 and s.error is not None:
-            event = Failed(job_id=s.job_id, attempt=s.attempt, worker_id=s.worker_id,
-                           error=s.error)
-        elif s.state == "cancelled":
-            event = Cancelled(job_id=s.job_id, attempt=s.attempt, reason=s.reason or "")
-        elif s.state == "dead" and s.error is not None:
-            event = Dead(job_id=s.job_id, attempt=s.attempt, worker_id=s.worker_id,
-                         error=s.error, errors=[a.error for a in s.attempts if a.error])
-        else:
-            return
-        with contextlib.suppress(Exception):
-            await emit(self.bus, event)
-        if s.state == "dead" and s.error is not None:
-            # Its DEAD entry has a stable id too: dead-letter it (again) and term.
-            raise Reject(f"{s.error.code}: {s.error.message}", job_id=s.job_id)
-
     async def _run_and_settle(self, run: _Run, item: WorkItem, attempt: int, span: Any) -> None:
         t0 = time.monotonic()
         try:
             result = await self._invoke(run, item)
         except Delegate as exc:
             if run.stop_reason is None:
-                await self._undo_running(item, attempt)
+                await self.ledger.undo(item, attempt)
                 await self._delegate(run.delivery, item, exc.reason)
             await self._settle_stopped(run, item, attempt, span)
         except (Exception, asyncio.CancelledError) as exc:
@@ -414,16 +387,16 @@ class Worker:
             if run.stop_reason is not None:
                 await self._settle_stopped(run, item, attempt, span, error)
             elif isinstance(exc, JobError) and not exc.retryable:
-                await self._finish(item, attempt, "failed", error=error)
+                await self.ledger.finish(item, attempt, "failed", error=error)
             else:
-                await self._retry_or_die(item, attempt, error)
+                await self.ledger.retry_or_die(item, attempt, error)
         else:
             if run.stop_reason is not None:
                 # Stopped from outside but it returned anyway: the stop decides
                 # (a result made after a timeout or without a lease is not kept).
                 await self._settle_stopped(run, item, attempt, span)
                 return
-            await self._finish(item, attempt, "succeeded", result=result,
+            await self.ledger.finish(item, attempt, "succeeded", result=result,
                                duration_s=time.monotonic() - t0)
 
     async def _settle_stopped(self, run: _Run, item: WorkItem, attempt: int, span: Any,
@@ -431,17 +404,17 @@ class Worker:
         """The attempt was stopped by a cancel, its timeout, a lost lease, the
         worker's shutdown, or a newer attempt elsewhere."""
         if run.stop_reason == "cancelled":
-            await self._finish_cancelled(item, attempt, run.stop_message or "cancelled")
+            await self.ledger.cancelled(item, attempt, run.stop_message or "cancelled")
         elif run.stop_reason == "superseded":
             raise Abandon()  # the newer attempt owns the job and its message
         else:
             error = error or self._error_of(run, None)
             span.set_status(Status(StatusCode.ERROR, error.message))
-            await self._retry_or_die(item, attempt, error)
+            await self.ledger.retry_or_die(item, attempt, error)
 
     def _error_of(self, run: _Run, exc: BaseException | None) -> ErrorInfo:
         if run.stop_reason in _FAILED_STOPS or exc is None:
-            return ErrorInfo(code=run.stop_reason, message=run.stop_message)
+            return ErrorInfo(code=run.stop_reason or "stopped", message=run.stop_message)
         if isinstance(exc, JobError):
             return ErrorInfo(code=exc.code, message=exc.message)
         if isinstance(exc, asyncio.CancelledError):
@@ -652,125 +625,6 @@ class Worker:
         # worker elsewhere may take it; still not an attempt.
         raise Retry(0.2 + random.random() * 0.3)
 
-    async def _mark_running(self, item: WorkItem, attempt: int, leases: list[Lease]) -> bool:
-        devices = [lease.device for lease in leases]
-
-        def start(s: JobState) -> JobState | None:
-            if s.terminal or s.cancel_requested or s.attempt != attempt - 1:
-                return None
-            s.state, s.attempt, s.worker_id, s.node = "running", attempt, self.worker_id, self.node
-            s.devices, s.started_at, s.reason, s.progress = devices, now(), None, None
-            s.attempts = [*s.attempts, AttemptRecord(attempt=attempt, worker_id=self.worker_id,
-                                                     devices=devices, started_at=now())]
-            return s
-
-        return await self.jobs.transition(item.job_id, start) is not None
-
-    def _owned(self, s: JobState, attempt: int) -> bool:
-        return s.state == "running" and s.attempt == attempt and s.worker_id == self.worker_id
-
-    async def _finish(self, item: WorkItem, attempt: int, kind: str, *, result: Any = None,
-                      error: ErrorInfo | None = None, duration_s: float | None = None) -> None:
-        def end(s: JobState) -> JobState | None:
-            if not self._owned(s, attempt):
-                return None
-            s.state, s.ended_at, s.progress = kind, now(), 1.0 if kind == "succeeded" else s.progress  # type: ignore[assignment]
-            s.result, s.error = result, error
-            _close_attempt(s, attempt, kind, error)
-            return s
-
-        if await self.jobs.transition(item.job_id, end) is None:
-            raise Abandon()  # another attempt owns the job now: its result, not ours
-        if kind == "succeeded":
-            await emit(self.bus, Succeeded(job_id=item.job_id, attempt=attempt,
-                                           worker_id=self.worker_id, result=result,
-                                           duration_s=duration_s))
-        else:
-            assert error is not None
-            await emit(self.bus, Failed(job_id=item.job_id, attempt=attempt,
-                                        worker_id=self.worker_id, error=error))
-
-    async def _finish_cancelled(self, item: WorkItem, attempt: int, reason: str) -> None:
-        def end(s: JobState) -> JobState | None:
-            if s.terminal:
-                return None
-            s.state, s.ended_at, s.reason = "cancelled", now(), reason
-            _close_attempt(s, attempt, "cancelled", None)
-            return s
-
-        if await self.jobs.transition(item.job_id, end) is not None:
-            await emit(self.bus, Cancelled(job_id=item.job_id, attempt=attempt,
-                                           worker_id=self.worker_id, reason=reason))
-
-    async def _retry_or_die(self, item: WorkItem, attempt: int, error: ErrorInfo) -> None:
-        error.attempt = attempt
-        if attempt >= item.max_attempts:
-            def end(s: JobState) -> JobState | None:
-                if not self._owned(s, attempt):
-                    return None
-                _close_attempt(s, attempt, "failed", error)
-                return s
-
-            if await self.jobs.transition(item.job_id, end) is None:
-                raise Abandon()
-            await self._dead(item, attempt, error)
-        delay = backoff(attempt)
-
-        def again(s: JobState) -> JobState | None:
-            if not self._owned(s, attempt):
-                return None
-            s.state, s.error, s.worker_id = "retrying", error, None
-            _close_attempt(s, attempt, "failed", error)
-            return s
-
-        if await self.jobs.transition(item.job_id, again) is None:
-            raise Abandon()
-        await emit(self.bus, Retrying(job_id=item.job_id, attempt=attempt,
-                                      worker_id=self.worker_id, error=error, delay_s=delay))
-        raise Retry(delay)
-
-    async def _dead(self, item: WorkItem, attempt: int, error: ErrorInfo) -> None:
-        """Attempts spent: the job is dead and its message goes to DEAD."""
-        errors: list[ErrorInfo] = []
-
-        def end(s: JobState) -> JobState | None:
-            if s.terminal:
-                return None
-            s.state, s.ended_at, s.error = "dead", now(), error
-            errors.extend(a.error for a in s.attempts if a.error is not None)
-            return s
-
-        if await self.jobs.transition(item.job_id, end) is not None:
-            await emit(self.bus, Dead(job_id=item.job_id, attempt=attempt,
-                                      worker_id=self.worker_id, error=error, errors=errors))
-        raise Reject(f"{error.code}: {error.message}", job_id=item.job_id)
-
-    async def _record_lost(self, s: JobState) -> None:
-        """The previous attempt's worker went silent (its message came back)."""
-        error = ErrorInfo(code="worker_lost", attempt=s.attempt,
-                          message=f"worker {s.worker_id} stopped heartbeating the job")
-
-        def lose(cur: JobState) -> JobState | None:
-            if cur.state != "running" or cur.attempt != s.attempt:
-                return None
-            cur.state, cur.error = "lost", error
-            _close_attempt(cur, s.attempt, "lost", error)
-            return cur
-
-        if await self.jobs.transition(s.job_id, lose) is not None:
-            await emit(self.bus, Lost(job_id=s.job_id, attempt=s.attempt, worker_id=s.worker_id,
-                                      reason=error.message))
-
-    async def _undo_running(self, item: WorkItem, attempt: int) -> None:
-        def back(s: JobState) -> JobState | None:
-            if not self._owned(s, attempt):
-                return None
-            s.state, s.attempt, s.worker_id, s.devices = "queued", attempt - 1, None, []
-            s.attempts = [a for a in s.attempts if a.attempt != attempt]
-            return s
-
-        await self.jobs.transition(item.job_id, back)
-
     async def _delegate(self, d: Delivery[WorkItem] | None, item: WorkItem, reason: str) -> None:
         """Hand the job back for another worker without using an attempt.
 
@@ -914,12 +768,6 @@ def _being_cancelled() -> bool:
 
 def _describe(r: Resources) -> str:
     return f"gpus={r.gpus} gpu_memory_mb={r.gpu_memory_mb} cpu_slots={r.cpu_slots}"
-
-
-def _close_attempt(s: JobState, attempt: int, outcome: str, error: ErrorInfo | None) -> None:
-    for a in s.attempts:
-        if a.attempt == attempt and a.ended_at is None:
-            a.ended_at, a.outcome, a.error = now(), outcome, error
 
 
 def _shuffled(options: list[list[str]]) -> list[list[str]]:
