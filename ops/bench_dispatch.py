@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from bus import topology
 from bus.connection import Bus, connect
 from bus.server import EmbeddedServer
 from bus.settings import Settings
+from ops.benchkit import percentile, spawn, stop
 from schemas.common import new_id
 
 FLOOR_STREAM = "BENCHFLOOR"
@@ -49,13 +49,6 @@ async def main(url):
             await m.ack()
 asyncio.run(main(sys.argv[1]))
 """
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 async def _floor_setup(bus: Bus) -> None:
@@ -124,23 +117,17 @@ class _Path:
         return n / elapsed, list(self.latency)
 
 
-def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as f:
-        return subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
 async def _measure(url: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     env = {**os.environ, "JETFLEET_NATS_URL": url, "JETFLEET_LOG": "WARNING"}
     bus = await connect(Settings.from_env(env), name="bench")
     await _floor_setup(bus)
     py = sys.executable
     procs = [
-        _spawn([py, "-c", _FLOOR_WORKER, url], env, tmp / "floor.log"),
-        _spawn([py, "-m", "ops.cli", "run", "dispatcher"], env, tmp / "dispatcher.log"),
+        spawn([py, "-c", _FLOOR_WORKER, url], env, tmp / "floor.log"),
+        spawn([py, "-m", "ops.cli", "run", "dispatcher"], env, tmp / "dispatcher.log"),
     ]
     for i in range(args.workers):
-        procs.append(_spawn([py, "-m", "ops.cli", "run", "worker", "--no-kernels",
+        procs.append(spawn([py, "-m", "ops.cli", "run", "worker", "--no-kernels",
                              "--capacity", "256"], env, tmp / f"worker{i}.log"))
     try:
         paths = {k: _Path(bus, k) for k in ("floor", "jetfleet")}
@@ -163,7 +150,7 @@ async def _measure(url: str, args: argparse.Namespace, tmp: Path) -> dict[str, A
                 rate_tp, _l = await p.run(args.jobs, None)
                 tput.append(rate_tp)
                 _r, lats = await p.run(max(200, int(args.rate * 5)), args.rate)
-                lat.append((_pct(lats, 0.5), _pct(lats, 0.99)))
+                lat.append((percentile(lats, 0.5), percentile(lats, 0.99)))
             res[kind] = {
                 "jobs_per_s": statistics.median(tput),
                 "p50_ms": statistics.median(x[0] for x in lat) * 1000,
@@ -172,13 +159,7 @@ async def _measure(url: str, args: argparse.Namespace, tmp: Path) -> dict[str, A
             }
         return res
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
         await bus.close()
 
 

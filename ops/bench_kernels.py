@@ -36,6 +36,7 @@ from typing import Any
 
 from agents.kernels.evaluate import cuda_present, evaluate
 from agents.kernels.library import load_problem
+from ops.benchkit import spawn, stop
 
 PROBLEMS = ("relu", "softmax", "add", "layernorm")
 DEFAULT_EVALS = 12
@@ -99,23 +100,6 @@ async def _wait_workers(url: str, n: int, timeout: float = 120.0) -> None:
                 return
             await asyncio.sleep(0.3)
     raise RuntimeError(f"only some of {n} kernel workers came up (see their logs)")
-
-
-def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as f:
-        return subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 # ---- GPU: profile timings beside triton.testing.do_bench ----------------------------------
@@ -203,10 +187,10 @@ def _measure(args: argparse.Namespace, n: int, tmp: Path) -> dict[str, Any]:
     with EmbeddedServer(tmp / "nats") as server:
         env = {**os.environ, "JETFLEET_NATS_URL": server.url, "JETFLEET_LOG": "WARNING"}
         py = sys.executable
-        procs = [_spawn([py, "-m", "ops.cli", "run", "dispatcher"], env, tmp / "dispatcher.log")]
+        procs = [spawn([py, "-m", "ops.cli", "run", "dispatcher"], env, tmp / "dispatcher.log")]
         for i in range(workers):
             cap = ["--capacity", str(per_worker)] if per_worker else []
-            procs.append(_spawn([py, "-m", "ops.cli", "run", "worker", "--no-builtin", *cap,
+            procs.append(spawn([py, "-m", "ops.cli", "run", "worker", "--no-builtin", *cap,
                                  "--worker-id", f"bench-kernels-{i}"], env, tmp / f"worker{i}.log"))
         try:
             asyncio.run(_wait_workers(server.url, workers))
@@ -216,7 +200,7 @@ def _measure(args: argparse.Namespace, n: int, tmp: Path) -> dict[str, Any]:
                 runs["direct_parallel"].append(_direct(names, slots, devices))
                 runs["fleet"].append(asyncio.run(_fleet_run(server.url, names)))
         finally:
-            _stop(procs)
+            stop(procs)
     for key, values in runs.items():
         secs = statistics.median(v[0] for v in values)
         res[key] = {"evals_per_min": 60.0 * n / secs, "s_per_eval": secs / n,

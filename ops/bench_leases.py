@@ -40,17 +40,11 @@ from bus.connection import Bus, connect
 from bus.leases import LeaseTable
 from bus.server import EmbeddedServer
 from bus.settings import Settings
+from ops.benchkit import percentile
 
 RAW_BUCKET = "benchraw"
 HOLDERS, KEYS, RENEWS = 8, 4, 2
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 async def _raw_round(buses: list[Bus], cycles: int) -> dict[str, list[float]]:
@@ -131,7 +125,7 @@ async def _latency(url: str, settings: Settings, cycles: int, repeats: int) -> d
             await b.close()
 
     def med(kind: str, op: str, q: float) -> float:
-        return statistics.median(_pct(r[kind][op], q) for r in runs) * 1000
+        return statistics.median(percentile(r[kind][op], q) for r in runs) * 1000
 
     rows = []
     for op, raw_op in (("acquire", "create"), ("acquire-miss", "create"), ("renew", "update"),
