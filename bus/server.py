@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -16,6 +17,16 @@ MIN_SERVER_VERSION = (2, 11, 0)
 
 class ServerError(RuntimeError):
     pass
+
+
+def die_with_parent() -> None:
+    """In a child before exec (Linux): SIGTERM it when its parent dies, however
+    the parent dies, so a kill -9 of a launcher leaves nothing behind."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def find_binary() -> str:
@@ -130,6 +141,7 @@ class EmbeddedServer:
             # Its own session, so a Ctrl-C at the terminal reaches the launcher
             # first, which then stops the server last, after every component.
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         log.close()
         _wait_port(self.host, self.port, time.monotonic() + timeout, self.proc)

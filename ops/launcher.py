@@ -9,7 +9,6 @@ a kill -9 of `up` leaves them behind.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -19,18 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bus import topology
-from bus.server import EmbeddedServer
+from bus.server import EmbeddedServer, die_with_parent
 
 PHASE_WAIT_S = {"drain": 10.0, "SIGINT": 5.0, "SIGTERM": 5.0}
-
-
-def _die_with_parent() -> None:
-    # Linux: deliver SIGTERM to the child if the launcher dies, however it dies.
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 @dataclass
@@ -49,7 +39,7 @@ class Child:
         self.proc = subprocess.Popen(
             self.argv, env={**os.environ, **self.env}, stdin=subprocess.DEVNULL,
             stdout=log or None, stderr=subprocess.STDOUT if log else None,
-            start_new_session=True, preexec_fn=_die_with_parent)
+            start_new_session=True, preexec_fn=die_with_parent)
         if log:
             log.close()
         self.started_at = time.monotonic()

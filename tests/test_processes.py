@@ -127,3 +127,23 @@ async def test_one_trace_spans_submit_dispatch_and_execution(tmp_path, procs):
     names = {s["name"] for s in spans}
     assert "dispatch" in names and "run echo" in names
     assert any(s["attributes"].get("messaging.system") == "nats" for s in spans)
+
+
+def test_up_killed_with_9_takes_its_children_and_server_along(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ops.cli", "up", "--data-dir", str(tmp_path / "fleet")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    line = ""
+    deadline = time.monotonic() + 30
+    while "nats at" not in line and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+    assert "nats at" in line, line
+    time.sleep(2)
+    family = psutil.Process(proc.pid).children(recursive=True)
+    assert any("nats-server" in " ".join(p.cmdline()) for p in family)
+    assert len(family) >= 3  # server, dispatcher, worker (and the evolver)
+    proc.kill()
+    proc.wait(timeout=10)
+    _gone, alive = psutil.wait_procs(family, timeout=20)
+    assert not alive, [p.cmdline() for p in alive]
