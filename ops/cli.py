@@ -77,7 +77,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not isinstance(payload, dict):
         raise SystemExit("--payload must be a JSON object")
     capability = {"type": args.capability, **_parse_kv(args.label, "--label")}
-    resources = {k: int(v) for k, v in _parse_kv(args.resource, "--resource").items()}
+    try:
+        resources = {k: int(v) for k, v in _parse_kv(args.resource, "--resource").items()}
+    except ValueError:
+        raise SystemExit(f"--resource {args.resource}: values are whole numbers, "
+                         "e.g. gpus=1") from None
 
     async def go(client: Any) -> Any:
         job_id = await client.submit(capability, payload, job_id=args.job_id,

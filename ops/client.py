@@ -25,7 +25,13 @@ from bus.settings import Settings
 from schemas.common import new_id
 from schemas.events import TERMINAL_KINDS, JobEvent, decode_event, event_kind
 from schemas.fleet import CapabilityAdvert
-from schemas.jobs import CancelRequest, JobState, JobSubmission, Resources
+from schemas.jobs import (
+    CancelRequest,
+    JobState,
+    JobSubmission,
+    Resources,
+    is_valid_capability_type,
+)
 
 T = TypeVar("T")
 
@@ -73,6 +79,9 @@ class Client:
     ) -> str:
         """Publish a submission; idempotent by job id (the id is the Nats-Msg-Id)."""
         cap = {"type": capability} if isinstance(capability, str) else dict(capability)
+        if not is_valid_capability_type(cap.get("type", "")):
+            raise ValueError(f"capability type {cap.get('type')!r}: dot-separated lower-case "
+                             "words, e.g. kernel.verify")
         res = Resources(**resources) if isinstance(resources, dict) else resources
         sub = JobSubmission(capability=cap, payload=payload or {}, job_id=job_id or new_id(),
                             priority=priority, max_attempts=max_attempts, timeout_s=timeout_s,

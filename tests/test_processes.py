@@ -147,3 +147,21 @@ def test_up_killed_with_9_takes_its_children_and_server_along(tmp_path):
     proc.wait(timeout=10)
     _gone, alive = psutil.wait_procs(family, timeout=20)
     assert not alive, [p.cmdline() for p in alive]
+
+
+def test_cli_refuses_bad_options_with_a_clear_message(procs):
+    cases = [
+        (["submit", "echo", "--priority", "5"], "priority"),
+        (["submit", "echo", "--resource", "gpus=abc"], "whole numbers"),
+        (["submit", "echo", "--resource", "gpus"], "key=value"),
+        (["submit", "echo", "--payload", "[1]"], "JSON object"),
+        (["submit", "echo", "--payload", "{nope"], "not valid JSON"),
+        (["submit", "Bad Type"], "capability type"),
+    ]
+    for argv, fragment in cases:
+        result = procs.cli(*argv, timeout=30)
+        assert result.returncode != 0, argv
+        assert fragment in result.stderr, (argv, result.stderr)
+        assert "Traceback" not in result.stderr, (argv, result.stderr)
+    missing = procs.cli("status", "no-such-job")
+    assert missing.returncode == 1 and "no job no-such-job" in missing.stderr
