@@ -129,6 +129,7 @@ class JobState(Struct, kw_only=True):
     # JOBS stream sequence of the submission that created this record: tells a
     # redelivery of the same submission (carry on) from a duplicate (refuse).
     submit_seq: int | None = None
+    resources: Resources | None = None
 
     @property
     def terminal(self) -> bool:

@@ -30,6 +30,7 @@ from schemas.jobs import (
     CancelRequest,
     JobState,
     JobSubmission,
+    Resources,
     WorkItem,
     is_valid_capability_type,
 )
@@ -44,7 +45,7 @@ _NOT_RUNNING = frozenset({"submitted", "queued", "unschedulable", "retrying", "l
 @dataclass
 class _Watch:
     capability: dict[str, str]
-    resources: object
+    resources: Resources | None
     deadline: float
     priority: int = 1
     marked: bool = False
@@ -138,7 +139,7 @@ class Dispatcher:
             job_id=job_id, state="queued", capability=dict(sub.capability),
             priority=sub.priority, user=sub.user, labels=sub.labels,
             max_attempts=sub.max_attempts, submitted_at=now(), parent_job_id=sub.parent_job_id,
-            submit_seq=d.stream_seq,
+            submit_seq=d.stream_seq, resources=sub.resources,
         )
         if await self.jobs.create(state) is None:
             existing = await self.jobs.get(job_id)
@@ -173,10 +174,10 @@ class Dispatcher:
         self._watch[job_id] = _Watch(dict(sub.capability), sub.resources,
                                      time.monotonic() + self.unschedulable_after_s,
                                      priority=sub.priority)
-        reason = unschedulable_reason(sub.capability, sub.resources, await self.book.adverts())
-        if reason is None:
+        verdict = unschedulable_reason(sub.capability, sub.resources, await self.book.adverts())
+        if verdict is None:
             self._watch.pop(job_id, None)
-        elif sub.resources is not None and "no node can satisfy" in reason:
+        elif verdict.lasting:
             # Resources no node could ever hold: say so now rather than after the grace.
             self._watch[job_id].deadline = 0.0
 
@@ -195,13 +196,13 @@ class Dispatcher:
     async def _sweep(self) -> None:
         adverts = await self.book.adverts()
         for job_id, w in list(self._watch.items()):
-            reason = unschedulable_reason(w.capability, w.resources, adverts)  # type: ignore[arg-type]
-            if reason is None:
+            verdict = unschedulable_reason(w.capability, w.resources, adverts)
+            if verdict is None:
                 if w.marked:
                     await self._requeue(job_id, w)
                 self._watch.pop(job_id, None)
             elif not w.marked and time.monotonic() >= w.deadline:
-                w.marked = await self._mark_unschedulable(job_id, reason)
+                w.marked = await self._mark_unschedulable(job_id, verdict.reason)
                 if not w.marked:
                     self._watch.pop(job_id, None)  # it ended (or started) meanwhile
 
@@ -239,7 +240,7 @@ class Dispatcher:
                 got = await self.jobs.get(key)
                 if got and got[0].state in ("queued", "unschedulable"):
                     s = got[0]
-                    self._watch[key] = _Watch(s.capability, None, time.monotonic()
+                    self._watch[key] = _Watch(s.capability, s.resources, time.monotonic()
                                               + self.unschedulable_after_s,
                                               marked=s.state == "unschedulable",
                                               priority=s.priority)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 from schemas.fleet import CapabilityAdvert, DeviceInfo, serves
 from schemas.jobs import Resources
@@ -37,13 +38,22 @@ def fits(resources: Resources | None, devices: dict[str, DeviceInfo]) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Unplaceable:
+    """Why no live worker can run a job. `lasting`: its resources exceed every
+    matching node, so waiting for the grace period cannot help."""
+
+    reason: str
+    lasting: bool = False
+
+
 def unschedulable_reason(capability: dict[str, str], resources: Resources | None,
-                         adverts: list[CapabilityAdvert]) -> str | None:
+                         adverts: list[CapabilityAdvert]) -> Unplaceable | None:
     """None when some live worker could run the job; else why not, in words."""
     matching = [a for a in adverts if serves(a.capabilities, capability)]
     if not matching:
         labels = ", ".join(f"{k}={v}" for k, v in sorted(capability.items()))
-        return f"no live worker advertises capability {{{labels}}}"
+        return Unplaceable(f"no live worker advertises capability {{{labels}}}")
     if resources is None or not resources.any():
         return None
     by_node = node_devices(matching)
@@ -51,9 +61,10 @@ def unschedulable_reason(capability: dict[str, str], resources: Resources | None
         return None
     most = max((len({d.index for d in devs.values() if d.kind == "gpu"})
                 for devs in by_node.values()), default=0)
-    return (f"no node can satisfy resources gpus={resources.gpus} "
-            f"gpu_memory_mb={resources.gpu_memory_mb} cpu_slots={resources.cpu_slots} "
-            f"(the most GPUs any matching node offers is {most})")
+    return Unplaceable(
+        f"no node can satisfy resources gpus={resources.gpus} "
+        f"gpu_memory_mb={resources.gpu_memory_mb} cpu_slots={resources.cpu_slots} "
+        f"(the most GPUs any matching node offers is {most})", lasting=True)
 
 
 # ---- refusing bad input with words ------------------------------------------------------
