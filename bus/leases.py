@@ -74,7 +74,7 @@ class Lease:
 
 def lease_subject(bucket_prefix: str = "") -> str:
     """The subject the KV bucket's own stream writes a key on (`$KV.<bucket>.<key>`)."""
-    return f"$KV.{topology.KV_LEASES}.{bucket_prefix}"
+    return topology.kv_subject(topology.KV_LEASES, bucket_prefix)
 
 
 class LeaseTable:

@@ -57,9 +57,22 @@ def work_consumer(capability_type: str, priority: int) -> str:
     return f"work-p{priority}-{capability_type.replace('.', '_')}"
 
 
+DOORBELL_PREFIX = "signal.work."
+
+
 def work_doorbell(capability_type: str) -> str:
     """Core-NATS nudge sent after routing, so idle workers fetch at once."""
-    return f"signal.work.{capability_type}"
+    return f"{DOORBELL_PREFIX}{capability_type}"
+
+
+def doorbell_type(subject: str) -> str:
+    """The capability type a doorbell subject rings for."""
+    return subject.removeprefix(DOORBELL_PREFIX)
+
+
+def kv_subject(bucket: str, key: str = "") -> str:
+    """The subject a KV bucket's own stream stores `key` on (`$KV.<bucket>.<key>`)."""
+    return f"$KV.{bucket}.{key}"
 
 
 def job_events(job_id: str) -> str:

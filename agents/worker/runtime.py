@@ -155,7 +155,7 @@ class Worker:
     # ---- taking work ------------------------------------------------------------------
 
     async def _ring(self, msg: Msg) -> None:
-        ctype = msg.subject.removeprefix("signal.work.")
+        ctype = topology.doorbell_type(msg.subject)
         if self._own_bells.get(ctype):
             self._own_bells[ctype] -= 1  # rung for the others (see _delegate): not for us
             return
