@@ -51,18 +51,24 @@ async def _state_attempt(client, job_id, attempt):
     return s if s is not None and s.state == "running" and s.attempt == attempt else None
 
 
-def test_up_stops_cleanly_on_sigint_and_leaves_no_process(tmp_path):
+def _start_up(tmp_path, *args):
+    """`jetfleet up` in a child; returns it and its NATS URL once it says it is up."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "up", "--data-dir", str(tmp_path / "fleet"),
-         "--workers", "2"],
+        [sys.executable, "-m", "ops.cli", "up", "--data-dir", str(tmp_path / "fleet"), *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     line = ""
     deadline = time.monotonic() + 30
     while "nats at" not in line and time.monotonic() < deadline:
         line = proc.stdout.readline()
     assert "nats at" in line, line
-    url = line.split("nats at ")[1].split(",")[0]
+    return proc, line.split("nats at ")[1].split(",")[0]
+
+
+def test_up_stops_cleanly_on_sigint_and_leaves_no_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc, url = _start_up(tmp_path, "--workers", "2")
+    deadline = time.monotonic() + 30
     # Wait until both workers advertise, so there really are children to stop
     # (`up` also starts the kernel evolver, which advertises kernel.* only).
     def echo_workers(out: str) -> int:
@@ -130,15 +136,7 @@ async def test_one_trace_spans_submit_dispatch_and_execution(tmp_path, procs):
 
 
 def test_up_killed_with_9_takes_its_children_and_server_along(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "up", "--data-dir", str(tmp_path / "fleet")],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    line = ""
-    deadline = time.monotonic() + 30
-    while "nats at" not in line and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-    assert "nats at" in line, line
+    proc, _url = _start_up(tmp_path)
     time.sleep(2)
     family = psutil.Process(proc.pid).children(recursive=True)
     assert any("nats-server" in " ".join(p.cmdline()) for p in family)
