@@ -92,13 +92,14 @@ async def run_evaluation(ctx: JobContext, kind: str, p: Any) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if kind == "profile":
         extra = {"runs": p.runs, "warmup": p.warmup}
-    ctx.progress(0.0, f"{kind} {problem.label} on "
-                      f"{'GPU ' + ','.join(leased_devices(ctx)) if leased_devices(ctx) else 'cpu (interpreter)'}")
+    devices = leased_devices(ctx)
+    where = f"GPU {','.join(devices)}" if devices else "cpu (interpreter)"
+    ctx.progress(0.0, f"{kind} {problem.label} on {where}")
     try:
         outcome = await asyncio.to_thread(
             evaluate, kind, problem.source, candidate,  # type: ignore[arg-type]
             trials=p.trials, atol=p.atol, rtol=p.rtol, seed=p.seed,
-            timeout_s=p.eval_timeout_s, memory_mb=MEMORY_MB, devices=leased_devices(ctx),
+            timeout_s=p.eval_timeout_s, memory_mb=MEMORY_MB, devices=devices,
             cancel_event=ctx.cancel_flag, **extra)
     except KernelEvalCancelled as exc:
         raise JobError("cancelled", "evaluation cancelled", retryable=False) from exc
