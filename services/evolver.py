@@ -205,7 +205,7 @@ class Children:
             for jid, task in waits.items():
                 try:
                     out[jid] = task.result()
-                except (TimeoutError, Exception) as exc:
+                except Exception as exc:  # timed out, or the wait itself failed
                     log.warning("child %s: %s", jid, exc)
                     out[jid] = None
                     with contextlib.suppress(Exception):
