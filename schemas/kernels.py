@@ -7,7 +7,7 @@ still decode a newer worker's result.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -25,6 +25,15 @@ OUTCOMES: tuple[str, ...] = (
 )
 
 Dsl = Literal["triton"]
+
+# Payload ranges, declared once: msgspec enforces them when a handler's payload
+# is decoded, and its message names the field ("Expected `int` <= 100 - at `$.trials`").
+EvalTimeout = Annotated[float, msgspec.Meta(gt=0, le=3600)]
+Trials = Annotated[int, msgspec.Meta(ge=1, le=100)]
+Runs = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
+Warmup = Annotated[int, msgspec.Meta(ge=0, le=1_000)]
+Tolerance = Annotated[float, msgspec.Meta(ge=0, le=1e6)]
+Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
 class KernelTimings(msgspec.Struct, kw_only=True):
@@ -84,21 +93,21 @@ class _KernelPayloadBase(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tru
     candidate_source: str | None = None
     candidate_ref: dict[str, Any] | None = None
     dsl: Dsl = "triton"
-    seed: int = 0
-    atol: float | None = None
-    rtol: float | None = None
-    eval_timeout_s: float = 120.0
+    seed: Seed = 0
+    atol: Tolerance | None = None
+    rtol: Tolerance | None = None
+    eval_timeout_s: EvalTimeout = 120.0
 
 
 class VerifyPayload(_KernelPayloadBase, kw_only=True, forbid_unknown_fields=True):
-    trials: int = 5
+    trials: Trials = 5
 
 
 class ProfilePayload(_KernelPayloadBase, kw_only=True, forbid_unknown_fields=True):
-    trials: int = 1
+    trials: Trials = 1
     # None: the evaluator picks (100 runs / 10 warm-ups on a GPU, 3 / 1 interpreted).
-    runs: int | None = None
-    warmup: int | None = None
+    runs: Runs | None = None
+    warmup: Warmup | None = None
 
 
 # ---- kernel.generate / kernel.single / kernel.evolve (served by services.evolver) ----------
@@ -119,7 +128,7 @@ class _GenPayloadBase(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # "auto": the LLM designer/coder when JETFLEET_LLM_BASE_URL and a model are
     # configured, else the template search. "llm" fails when none is configured.
     generator: Generator = "auto"
-    seed: int = 0
+    seed: Seed = 0
     # Fields the kernel-generation client sends (ops.client.SyncClient.submit_job);
     # recorded, not interpreted.
     task_desc: str = ""
@@ -128,21 +137,21 @@ class _GenPayloadBase(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class GeneratePayload(_GenPayloadBase, kw_only=True, forbid_unknown_fields=True):
-    n: int = msgspec.field(default=4)
+    n: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
 
 
 class _EvalSettings(_GenPayloadBase, kw_only=True, forbid_unknown_fields=True):
-    atol: float | None = None
-    rtol: float | None = None
-    eval_timeout_s: float = 120.0
-    trials: int | None = None
-    runs: int | None = None
-    warmup: int | None = None
+    atol: Tolerance | None = None
+    rtol: Tolerance | None = None
+    eval_timeout_s: EvalTimeout = 120.0
+    trials: Trials | None = None
+    runs: Runs | None = None
+    warmup: Warmup | None = None
     # Labels every child evaluation job must match, e.g. {"backend": "cuda"}.
     child_labels: dict[str, str] = msgspec.field(default_factory=dict)
     # Attempt limit of each child job (seconds); default eval_timeout_s * 2 + 60.
-    child_timeout_s: float | None = None
-    child_priority: int = 1
+    child_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] | None = None
+    child_priority: Annotated[int, msgspec.Meta(ge=0, le=2)] = 1
 
 
 class SinglePayload(_EvalSettings, kw_only=True, forbid_unknown_fields=True):
@@ -153,10 +162,10 @@ class SinglePayload(_EvalSettings, kw_only=True, forbid_unknown_fields=True):
 
 
 class EvolvePayload(_EvalSettings, kw_only=True, forbid_unknown_fields=True):
-    max_rounds: int = 3
-    parallel_num: int = 4
-    islands: int = 2
-    elite_size: int = 5
+    max_rounds: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    parallel_num: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    islands: Annotated[int, msgspec.Meta(ge=1, le=16)] = 2
+    elite_size: Annotated[int, msgspec.Meta(ge=1, le=64)] = 5
     # Every this many rounds each island's best is copied to the next island (0: never).
-    migration_interval: int = 2
+    migration_interval: Annotated[int, msgspec.Meta(ge=0, le=100)] = 2
     evaluate: ChildKind = "profile"
