@@ -112,26 +112,35 @@ class Bus:
             await self.nc.close()
 
 
+class ConnectError(ConnectionError):
+    """No server answered at the URL within the connect timeout: a one-line reason."""
+
+
 async def connect(
     settings: Settings | None = None,
     *,
     name: str = "jetfleet",
     url: str | None = None,
     apply_topology: bool = True,
-    connect_timeout: float = 5.0,
+    connect_timeout: float | None = None,
 ) -> Bus:
-    """Connect with unlimited reconnects and a short ping interval, so a
-    long-running component rides out a server restart instead of closing."""
+    """Connect, failing within `connect_timeout` when no server answers, then
+    reconnect for ever with a short ping interval, so a long-running component
+    rides out a server restart instead of closing."""
     s = settings or Settings.from_env()
     target = url or s.nats_url
+    timeout = s.connect_timeout_s if connect_timeout is None else connect_timeout
+    servers = [u.strip() for u in target.split(",") if u.strip()]
+    # nats-py's first connect retries for minutes with its defaults (and for
+    # ever with unlimited reconnects): bound it here, one quick try at a time.
     opts: dict[str, Any] = {
-        "servers": [u.strip() for u in target.split(",")],
+        "servers": servers,
         "name": name,
-        "max_reconnect_attempts": -1,
-        "reconnect_time_wait": 0.5,
+        "max_reconnect_attempts": 1,
+        "reconnect_time_wait": 0.1,
         "ping_interval": 10,
         "max_outstanding_pings": 3,
-        "connect_timeout": connect_timeout,
+        "connect_timeout": max(0.5, min(2.0, timeout)),
         "allow_reconnect": True,
     }
     if s.nats_creds:
@@ -150,7 +159,22 @@ async def connect(
         log.info("nats: reconnected")
 
     opts.update(error_cb=_on_error, disconnected_cb=_on_disconnect, reconnected_cb=_on_reconnect)
-    nc = await nats.connect(**opts)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last: BaseException | None = None
+    nc: NATS | None = None
+    while nc is None:
+        try:
+            nc = await asyncio.wait_for(nats.connect(**opts), max(0.5, deadline - loop.time()))
+        except (OSError, TimeoutError, nats.errors.Error) as exc:
+            last = exc
+            if _is_auth_error(exc) or loop.time() >= deadline:
+                raise ConnectError(_connect_failure(target, timeout, exc)) from None
+            await asyncio.sleep(min(0.2, max(0.0, deadline - loop.time())))
+    del last
+    # Connected: from now on reconnect for ever, quickly.
+    nc.options["max_reconnect_attempts"] = -1
+    nc.options["reconnect_time_wait"] = 0.5
     version = nc.connected_server_version
     try:
         check_version((version.major, version.minor, version.patch), where=f"the server at {target}")
@@ -162,3 +186,17 @@ async def connect(
     if apply_topology:
         await topology.apply(js, s)
     return bus
+
+
+def _is_auth_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "authorization" in text or "authentication" in text or "permissions" in text
+
+
+def _connect_failure(target: str, timeout: float, exc: BaseException) -> str:
+    if _is_auth_error(exc):
+        return (f"the NATS server at {target} refused our credentials ({exc}); check "
+                "JETFLEET_NATS_CREDS or the credentials file")
+    return (f"no NATS server answered at {target} within {timeout:g}s: start one with "
+            "`jetfleet up` (then export the JETFLEET_NATS_URL it prints), or point --nats / "
+            "JETFLEET_NATS_URL at a running server")

@@ -20,6 +20,8 @@ class Settings:
     nats_tls_ca: str = ""
     nats_tls_cert: str = ""
     nats_tls_key: str = ""
+    # A first connect that finds no server fails after this long (with a clear line).
+    connect_timeout_s: float = 5.0
     # Leases and adverts expire through the bucket TTL when their holder dies.
     lease_ttl_s: float = 10.0
     advert_ttl_s: float = 10.0

@@ -147,7 +147,7 @@ async def _latency(url: str, settings: Settings, cycles: int, repeats: int) -> d
 
 async def _chaos(url: str, settings: Settings, env: dict[str, str], logdir: Path, workers: int,
                  jobs: int, kills: int, seconds: float, seed: int) -> dict[str, Any]:
-    from ops.client import Client
+    from sdk import Client
     from services.dispatcher import Dispatcher
 
     rng = random.Random(seed)

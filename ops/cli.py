@@ -47,7 +47,7 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 
 def _client_call(args: argparse.Namespace, fn: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
-    from ops.client import Client
+    from sdk import Client
 
     async def go() -> Any:
         async with await Client.connect(args.nats) as client:

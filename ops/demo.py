@@ -17,7 +17,7 @@ async def _run_jobs(url: str, args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ops.client import Client
+    from sdk import Client
 
     console = Console()
     async with await Client.connect(url) as client:

@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 
 from schemas.common import SCHEMA_VERSION, ErrorInfo, now
+from schemas.telemetry import ProcessInfo, ProcessLink
 
 
 class JobEventBase(msgspec.Struct, kw_only=True, omit_defaults=True, tag_field="kind"):
@@ -85,6 +86,40 @@ class Duplicate(JobEventBase, tag="duplicate"):
     reason: str = ""
 
 
+class Stale(JobEventBase, tag="stale"):
+    """No progress or heartbeat past its deadline; the job may still be running."""
+
+    reason: str = ""
+
+
+class Resumed(JobEventBase, tag="resumed"):
+    """A lost job's node came back and the same attempt is still running there."""
+
+    node: str | None = None
+
+
+class Discovered(JobEventBase, tag="discovered"):
+    """A process nobody submitted, found by a node agent: a job of origin `discovered`."""
+
+    node: str
+    process: ProcessInfo
+    devices: list[str] = []
+
+
+class Ended(JobEventBase, tag="ended"):
+    """A discovered job's process exited."""
+
+    node: str | None = None
+    exit_code: int | None = None
+    runtime_s: float | None = None
+
+
+class Linked(JobEventBase, tag="linked"):
+    """A process of a submitted job was seen on a node."""
+
+    process: ProcessLink
+
+
 JobEvent = (
     Submitted
     | Queued
@@ -99,9 +134,14 @@ JobEvent = (
     | Delegated
     | Dead
     | Duplicate
+    | Stale
+    | Resumed
+    | Discovered
+    | Ended
+    | Linked
 )
 
-TERMINAL_KINDS = frozenset({"succeeded", "failed", "cancelled", "dead"})
+TERMINAL_KINDS = frozenset({"succeeded", "failed", "cancelled", "dead", "ended"})
 
 _decoder = msgspec.json.Decoder(JobEvent)
 

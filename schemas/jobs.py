@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from schemas.common import SCHEMA_VERSION, ErrorInfo, Id, ObjRef, Struct
+from schemas.telemetry import ProcessInfo, ProcessLink
 
 Priority = Annotated[int, msgspec.Meta(ge=0, le=2)]
 # A capability label value: a short plain string (they become subject tokens
@@ -33,8 +34,11 @@ JobStatus = Literal[
     "lost",
     "unschedulable",
     "dead",
+    "ended",
 ]
-TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "dead"})
+# `ended`: a discovered process exited (nobody submitted it, so nobody says
+# whether it succeeded; its exit status is kept where the agent could read it).
+TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "dead", "ended"})
 
 
 class Resources(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -92,6 +96,7 @@ class WorkItem(Struct, kw_only=True):
 class AttemptRecord(Struct, kw_only=True):
     attempt: int
     worker_id: str | None = None
+    node: str | None = None
     devices: list[str] = []
     started_at: float | None = None
     ended_at: float | None = None
@@ -130,6 +135,14 @@ class JobState(Struct, kw_only=True):
     # redelivery of the same submission (carry on) from a duplicate (refuse).
     submit_seq: int | None = None
     resources: Resources | None = None
+    timeout_s: float | None = None
+    # No progress or heartbeat past its deadline (the monitor says so; progress clears it).
+    stale: bool = False
+    # Discovered jobs: the process as found, and its exit status once it ended.
+    process: ProcessInfo | None = None
+    exit_code: int | None = None
+    # Submitted jobs: the processes seen working for them on nodes.
+    processes: list[ProcessLink] = []
 
     @property
     def terminal(self) -> bool:

@@ -58,7 +58,7 @@ from agents.kernels.sources import (
 )
 from agents.worker.app import App
 from agents.worker.context import JobContext, JobError
-from ops.client import Client
+from sdk import Client
 from schemas.jobs import JobState
 from schemas.kernels import EvolvePayload, GeneratePayload, SinglePayload
 

@@ -21,7 +21,7 @@ from agents.worker.runtime import Worker
 from bus.connection import Bus, connect
 from bus.server import EmbeddedServer
 from bus.settings import Settings
-from ops.client import Client
+from sdk import Client
 from services.dispatcher import Dispatcher
 
 ROOT = Path(__file__).resolve().parent.parent

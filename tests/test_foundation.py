@@ -154,7 +154,7 @@ async def test_unschedulable_then_scheduled_when_a_worker_appears(bus, component
         return {"text": "bonjour"}
 
     await components.worker(app)
-    state = await client.wait(job_id, timeout=20)
+    state = await client.wait(job_id, timeout=20, keep_waiting=True)
     assert state.state == "succeeded" and state.result == {"text": "bonjour"}
     kinds = [e["kind"] for e in await job_events(bus, job_id)]
     # Queued again by the dispatcher's sweep, or taken first by the new worker.

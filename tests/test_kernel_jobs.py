@@ -258,7 +258,7 @@ async def test_llm_generator_when_configured(components, client, monkeypatch):
 
 def test_sync_client_submits_a_seed_style_single_job(nats_server, procs):
     """The blocking client with the kernel-generation client's field names."""
-    from ops.client import SyncClient
+    from agents.kernels.sdk import KernelClient as SyncClient
 
     procs.run("dispatcher")
     procs.run("worker", "--capacity", "2")
