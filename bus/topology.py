@@ -95,12 +95,16 @@ def dead_subject(stream: str) -> str:
     return f"dead.{stream.lower()}"
 
 
-DRAIN = "control.drain"  # core NATS: every component stops taking work and finishes
+def control_group(kind: str, instance: str) -> str:
+    """The `nats micro` endpoint group of one process, addressed by its identity:
+    `jetfleet.<kind>.<instance>.<endpoint>`. Every process that runs jobs (a
+    worker, the evolver) is of kind `worker` and its instance id is its worker
+    id, so whoever knows a job's worker can reach it."""
+    return f"jetfleet.{kind}.{instance}"
 
 
-def cancel_signal(job_id: str) -> str:
-    """Core-NATS signal to the worker running `job_id` (the KV flag is the record)."""
-    return f"control.cancel.{job_id}"
+def control_subject(kind: str, instance: str, endpoint: str) -> str:
+    return f"{control_group(kind, instance)}.{endpoint}"
 
 
 # ---- configuration -----------------------------------------------------------

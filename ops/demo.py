@@ -5,21 +5,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from ops.commands.common import DEFAULT_DATA_DIR
 from schemas.events import event_kind
 
 
-async def _run_jobs(url: str, args: argparse.Namespace) -> int:
+async def _run_jobs(url: str, args: argparse.Namespace) -> tuple[bool, list[str]]:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from sdk import Client
 
     console = Console()
+    ids: list[str] = []
     async with await Client.connect(url) as client:
         for _ in range(100):  # wait for the first worker's advert
             if await client.workers():
@@ -27,11 +30,14 @@ async def _run_jobs(url: str, args: argparse.Namespace) -> int:
             await asyncio.sleep(0.2)
         t0 = time.monotonic()
         echo_id = await client.submit("echo", {"hello": "fleet"})
+        ids.append(echo_id)
         echo = await client.wait(echo_id, timeout=60)
         console.print(f"[bold]echo[/bold] {echo_id}: {echo.state} on {echo.worker_id} "
-                      f"in {time.monotonic() - t0:.2f}s -> {json.dumps(echo.result)}")
+                      f"in {time.monotonic() - t0:.2f}s -> {json.dumps(echo.result)}",
+                      soft_wrap=True)
 
         sleep_id = await client.submit("sleep", {"seconds": 2, "steps": 8})
+        ids.append(sleep_id)
         with Progress(TextColumn("[bold]sleep[/bold] {task.description}"), BarColumn(),
                       TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
                       console=console, transient=False) as bar:
@@ -47,13 +53,11 @@ async def _run_jobs(url: str, args: argparse.Namespace) -> int:
         if not args.quick:
             ok = await _kernel_demo(client, console) and ok
         console.print()
-        console.print("[bold]summary[/bold]")
+        console.print("[bold]what ran[/bold]")
         for s in await client.list_jobs(limit=20):
-            console.print(f"  {s.job_id:40} {s.capability.get('type', ''):14} {s.state:10} "
-                          f"attempt {s.attempt} on {s.worker_id or '-'}")
-        console.print(f"\nwhere to look: `nats --server {url} sub 'events.jobs.>'`, "
-                      f"`nats kv ls jobs`, `jetfleet --nats {url} jobs`")
-        return 0 if ok else 1
+            console.print(f"  {s.job_id}  {s.capability.get('type', '')}  {s.state}  "
+                          f"attempt {s.attempt} on {s.worker_id or '-'}", soft_wrap=True)
+        return ok, ids
 
 
 async def _kernel_demo(client: Any, console: Any) -> bool:
@@ -67,17 +71,28 @@ async def _kernel_demo(client: Any, console: Any) -> bool:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from ops.launcher import Fleet
+    from ops.commands.fleet import make_fleet
+    from ops.launcher import describe_stop
 
-    data = Path(args.data_dir) if args.data_dir != ".jetfleet" else Path(
-        tempfile.mkdtemp(prefix="jetfleet-demo-"))
-    worker_args = ["--simulate-gpus", str(args.simulate_gpus)] if args.simulate_gpus else []
-    fleet = Fleet(data, nats_port=args.nats_port, workers=max(1, args.workers),
-                  worker_args=worker_args, unschedulable_after=args.unschedulable_after)
-    fleet.start()
-    print(f"embedded fleet: nats at {fleet.url}, data and logs in {data}")
+    temporary = args.data_dir == DEFAULT_DATA_DIR and not args.nats
+    data = Path(tempfile.mkdtemp(prefix="jetfleet-demo-")) if temporary else Path(args.data_dir)
+    fleet = make_fleet(args, data)
+    ok = False
     try:
-        return asyncio.run(_run_jobs(fleet.url, args))
+        fleet.start()
+        print(f"embedded fleet: nats at {fleet.url}, logs in {data / 'logs'}", flush=True)
+        ok, _ids = asyncio.run(_run_jobs(fleet.url, args))
     finally:
-        ended = fleet.stop()
-        print("fleet stopped: " + ", ".join(f"{k}: {v}" for k, v in ended.items()))
+        print(f"fleet stopped: {describe_stop(fleet.stop())}", flush=True)
+        if temporary:
+            shutil.rmtree(data, ignore_errors=True)
+    print()
+    if ok:
+        print("The demo ran every job to success on a fleet of its own, which is now stopped "
+              "and cleaned up.")
+    else:
+        print("The demo finished, but not every job succeeded (see above).")
+    print("To look around a fleet that stays up: run `jetfleet up` in one terminal, then in "
+          "another `export JETFLEET_NATS_URL=<the URL it prints>` and try `jetfleet submit echo "
+          "--payload '{\"a\": 1}' --wait`, `jetfleet jobs`, `jetfleet workers`.")
+    return 0 if ok else 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ def _fmt(x: float | None, spec: str = ".3g", none: str = "-") -> str:
 
 async def kernel_demo(client: Any, console: Any, out_dir: str | Path | None = None,
                       problem: str = PROBLEM, rounds: int = ROUNDS,
-                      parallel: int = PARALLEL) -> bool:
+                      parallel: int = PARALLEL, show_source: bool = True) -> bool:
     """Run an evolve job end to end; True when its best candidate passed."""
     from rich import box
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -109,12 +108,22 @@ async def kernel_demo(client: Any, console: Any, out_dir: str | Path | None = No
     if not best:
         console.print("[red]no candidate produced an outcome[/red]")
         return False
-    folder = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="jetfleet-kernel-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"best_{problem}_{best['id']}.py"
-    path.write_text(best["source"])
+    if out_dir is not None:
+        path = await asyncio.to_thread(_write_best, Path(out_dir), f"best_{problem}_{best['id']}.py",
+                                       best["source"])
+        console.print(f"best kernel source: {os.fspath(path)}")
     console.print(f"best: {best['id']} (round {best['round']}, island {best['island']}) "
                   f"{best['outcome']['outcome']}, speed-up {_fmt(best.get('speedup'))}x; "
                   f"evolve took {elapsed:.1f}s")
-    console.print(f"best kernel source: {os.fspath(path)}")
+    if show_source:
+        from rich.syntax import Syntax
+
+        console.print(Syntax(best["source"], "python", line_numbers=False))
     return bool(best.get("correct"))
+
+
+def _write_best(folder: Path, name: str, source: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(source)
+    return path

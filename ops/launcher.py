@@ -2,30 +2,52 @@
 
 Children are restarted with backoff when they die. Stopping (Ctrl-C, SIGINT,
 SIGTERM) goes in four phases, each with a bounded wait: a cooperative drain
-on the bus, then SIGINT, SIGTERM and SIGKILL to whatever is left, and the
-server last. Children die with the launcher (PR_SET_PDEATHSIG), so not even
-a kill -9 of `up` leaves them behind.
+sent to each child's own control endpoint (by its identity, so a second fleet
+on the same server is never touched), then SIGINT, SIGTERM and SIGKILL to
+whatever is left, and the server last. Children die with the launcher
+(PR_SET_PDEATHSIG), so not even a kill -9 of `up` leaves them behind.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bus import topology
 from bus.server import EmbeddedServer, die_with_parent
 
 PHASE_WAIT_S = {"drain": 10.0, "SIGINT": 5.0, "SIGTERM": 5.0}
 
 
+class PortInUse(RuntimeError):
+    pass
+
+
+def check_port_free(port: int, host: str = "127.0.0.1") -> None:
+    """Refuse a port something already listens on (another fleet's server, say)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise PortInUse(
+                f"port {port} is already in use (another fleet's nats-server?): to join that "
+                f"server use `--nats nats://{host}:{port}`, or pick another --nats-port "
+                "(0 picks a free one)") from None
+
+
 @dataclass
 class Child:
     name: str
+    component: str
+    kind: str
+    instance: str
     argv: list[str]
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
@@ -48,20 +70,30 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
 
+# (component, child name, `jetfleet run <component>` arguments)
+ChildSpec = tuple[str, str, list[str]]
+
+
 class Fleet:
     def __init__(self, data_dir: Path, nats_port: int = 0, workers: int = 1,
-                 worker_args: list[str] | None = None, extra: list[tuple[str, list[str]]] | None = None,
+                 worker_args: list[str] | None = None, children: list[ChildSpec] | None = None,
                  unschedulable_after: float = 30.0, quiet: bool = False,
                  nats_url: str | None = None) -> None:
         self.data_dir = data_dir
+        self.fleet_id = f"f{random.randrange(16**6):06x}"
         self.server: EmbeddedServer | None = None
         if nats_url is None:
+            if nats_port:
+                check_port_free(nats_port)
             self.server = EmbeddedServer(data_dir / "nats", port=nats_port)
         self.nats_url = nats_url
-        self.workers = workers
-        self.worker_args = worker_args or []
-        self.extra = extra or []
-        self.unschedulable_after = unschedulable_after
+        if children is None:
+            children = [("dispatcher", "dispatcher",
+                         ["--unschedulable-after", str(unschedulable_after)])]
+            children += [("worker", f"worker-{i}", list(worker_args or []))
+                         for i in range(workers)]
+            children.append(("evolver", "evolver", []))
+        self.specs = children
         self.quiet = quiet
         self.children: list[Child] = []
         self._stopping = False
@@ -73,26 +105,23 @@ class Fleet:
         assert self.nats_url
         return self.nats_url
 
-    def _component(self, name: str, args: list[str]) -> Child:
-        argv = [sys.executable, "-m", "ops.cli", "run", *args]
+    def _child(self, component: str, name: str, args: list[str]) -> Child:
+        instance = f"{self.fleet_id}-{name}"
+        argv = [sys.executable, "-m", "ops.cli", "run", component, "--instance-id", instance,
+                *args]
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        return Child(name=name, argv=argv, log_path=logs / f"{name}.log",
-                     env={"JETFLEET_NATS_URL": self.url})
+        from ops.components import module
+
+        kind = getattr(module(component), "CONTROL_KIND", component)
+        return Child(name=name, component=component, kind=kind, instance=instance, argv=argv,
+                     log_path=logs / f"{name}.log", env={"JETFLEET_NATS_URL": self.url})
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.server is not None:
             self.server.start()
-        self.children.append(self._component(
-            "dispatcher", ["dispatcher", "--unschedulable-after", str(self.unschedulable_after)]))
-        for i in range(self.workers):
-            self.children.append(self._component(f"worker-{i}", ["worker", *self.worker_args]))
-        for name, args in self.extra:
-            self.children.append(self._component(name, args))
-        # The evolver serves kernel.generate, kernel.single and kernel.evolve.
-        if not any(args[:1] == ["evolver"] for _, args in self.extra):
-            self.children.append(self._component("evolver", ["evolver"]))
+        self.children = [self._child(c, n, a) for c, n, a in self.specs]
         for child in self.children:
             child.start()
 
@@ -135,6 +164,7 @@ class Fleet:
         return ended
 
     def _drain(self, alive: list[Child]) -> int:
+        """Ask each child, by its own identity, to drain."""
         if not alive:
             return 0
         try:
@@ -142,11 +172,20 @@ class Fleet:
 
             import nats
 
+            from bus import topology
+
             async def send() -> None:
-                nc = await nats.connect(self.url, connect_timeout=2, max_reconnect_attempts=1)
-                await nc.publish(topology.DRAIN, b"")
-                await nc.flush()
-                await nc.close()
+                nc = await nats.connect(self.url, connect_timeout=2, max_reconnect_attempts=1,
+                                        reconnect_time_wait=0.1)
+                try:
+                    for c in alive:
+                        try:
+                            await nc.request(topology.control_subject(
+                                c.kind, c.instance, "drain"), b"", timeout=1.0)
+                        except Exception:
+                            continue  # not answering: the signals that follow stop it
+                finally:
+                    await nc.close()
 
             asyncio.run(send())
         except Exception:
@@ -163,3 +202,15 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 pass
         return sum(1 for c in children if not c.alive())
+
+
+def describe_stop(ended: dict[str, int]) -> str:
+    """How the stop went, in words a reader understands."""
+    total = sum(ended.values())
+    drained = ended.get("drain", 0)
+    if total == drained:
+        return f"all {total} components finished their work and exited"
+    forced = ", ".join(f"{n} after {phase}" for phase, n in ended.items()
+                       if phase != "drain" and n)
+    return (f"{drained} of {total} components finished their work and exited; "
+            f"the rest were stopped ({forced})")

@@ -289,6 +289,11 @@ class Dispatcher:
             watch.cancel()
             await self.reaper.stop()
 
+    @property
+    def watching(self) -> dict[str, _Watch]:
+        """Jobs no live worker serves yet, watched for unschedulable."""
+        return self._watch
+
     def stop(self) -> None:
         self.submits.stop()
         self.cancels.stop()
@@ -316,8 +321,19 @@ async def cancel_job(bus: Bus, jobs: JobTable, req: CancelRequest) -> JobState |
     if state.state == "cancelled":
         await emit(bus, Cancelled(job_id=state.job_id, attempt=state.attempt, reason=req.reason))
     else:
-        await bus.signal(topology.cancel_signal(state.job_id), req)
+        await _stop_running(bus, state, req.reason)
     return state
+
+
+async def _stop_running(bus: Bus, state: JobState, reason: str) -> None:
+    """Ask the worker running the job, by its identity, to stop it."""
+    from bus.control import request
+
+    if not state.worker_id:
+        return
+    with contextlib.suppress(Exception):
+        await request(bus, "worker", state.worker_id, "cancel",
+                      {"job_id": state.job_id, "reason": reason, "attempt": state.attempt})
 
 
 async def main(bus: Bus, unschedulable_after_s: float) -> None:

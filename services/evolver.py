@@ -58,9 +58,9 @@ from agents.kernels.sources import (
 )
 from agents.worker.app import App
 from agents.worker.context import JobContext, JobError
-from sdk import Client
 from schemas.jobs import JobState
 from schemas.kernels import EvolvePayload, GeneratePayload, SinglePayload
+from sdk import Client
 
 log = logging.getLogger(__name__)
 
@@ -638,7 +638,7 @@ def _brief(c: Candidate | None) -> dict[str, Any] | None:
 
 
 async def serve(bus: Any, stopping: asyncio.Event, *, capacity: int | None = None,
-                worker_id: str | None = None) -> None:
+                worker_id: str | None = None, control: Any = None) -> None:
     """`jetfleet run evolver`: a Worker serving this App until `stopping` is set."""
     from agents.devices import node_name
     from agents.worker.runtime import Worker

@@ -378,9 +378,9 @@ async def test_workers_and_leases_cli_and_micro_services(bus, components, client
     await eventually(lambda: _loaded(client, w.worker_id), what="the advert shows the load")
     out = await asyncio.to_thread(procs.cli, "leases", "--json")
     assert out.returncode == 0, out.stderr
-    leases = json.loads(out.stdout)
-    assert [v["job_id"] for v in leases.values()] == [job]
-    assert next(iter(leases.values()))["holder"] == w.worker_id
+    leases = json.loads(out.stdout)  # a list, like every listing's --json
+    assert [v["job_id"] for v in leases] == [job]
+    assert leases[0]["holder"] == w.worker_id and leases[0]["key"].startswith("nv.gpu")
     out = await asyncio.to_thread(procs.cli, "workers", "--json")
     adverts = json.loads(out.stdout)
     (advert,) = [a for a in adverts if a["worker_id"] == w.worker_id]

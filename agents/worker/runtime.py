@@ -94,6 +94,7 @@ class Worker:
         starvation_after_s: float = 10.0,
         poll_s: float = 1.0,
         lease_wait_s: float | None = None,
+        control: Any = None,
     ) -> None:
         self.bus = bus
         self.app = app
@@ -670,12 +671,15 @@ class Worker:
             await req.respond(codec.encode(body))
 
         async def cancel(req: Any) -> None:
-            job_id = req.data.decode().strip()
+            raw = req.data.decode().strip()
+            body = json.loads(raw) if raw.startswith("{") else {"job_id": raw}
+            job_id = body.get("job_id", "")
             run = self.running.get(job_id)
             if run is None:
                 await req.respond_error("404", f"job {job_id} is not running here")
                 return
-            self._background(self._stop_handler(run, "cancelled", "cancelled via control"))
+            self._background(self._stop_handler(run, "cancelled",
+                                                body.get("reason") or "cancelled via control"))
             await req.respond(b'{"ok": true}')
 
         async def drain(req: Any) -> None:
@@ -686,7 +690,7 @@ class Worker:
             self.bus.nc, name="jetfleet-worker", version=VERSION,
             description="jetfleet worker", metadata={"worker_id": self.worker_id,
                                                       "node": self.node})
-        group = self._service.add_group(name=f"jetfleet.worker.{self.worker_id}")
+        group = self._service.add_group(name=topology.control_group("worker", self.worker_id))
         await group.add_endpoint(name="info", handler=info)
         await group.add_endpoint(name="cancel", handler=cancel)
         await group.add_endpoint(name="drain", handler=drain)
@@ -699,8 +703,6 @@ class Worker:
                     topology.work_consumer_config(self.bus.settings, ctype, prio))
             self._subs.append(await self.bus.nc.subscribe(topology.work_doorbell(ctype),
                                                           cb=self._ring))
-        self._subs.append(await self.bus.nc.subscribe(topology.cancel_signal("*"),
-                                                      cb=self._on_cancel_signal))
         with contextlib.suppress(Exception):
             await self._start_service()
         if self.inventory.leasable():

@@ -1,0 +1,9 @@
+"""The `jetfleet` verbs, one module per area; each module has `register(sub, common)`.
+
+A new area adds its module here (and nothing else in ops/cli.py changes).
+"""
+
+COMMAND_MODULES = (
+    "ops.commands.jobs",
+    "ops.commands.fleet",
+)
