@@ -19,7 +19,8 @@ from the name:
     BLOCK*, TILE*, BM/BN/BK  powers of two 16 .. 1024 (plus the current value)
 
 Other ints are left alone: we cannot know what they mean. A value that reaches
-`tl.arange` or a tensor shape inside a kernel keeps to powers of two.
+`tl.arange` or a tensor shape inside a kernel, or `num_warps`, keeps to powers
+of two whatever a comment lists.
 
 The grid must follow a block size. The grid of a launch is read with every
 local name it uses, back to its assignments; a literal there equal to a tuned
@@ -176,7 +177,6 @@ def _read_kernel(fn: ast.FunctionDef) -> _Kernel | None:
 def _read_module(source: str) -> _Module:
     tree = ast.parse(source)
     kernels: dict[str, _Kernel] = {}
-    assigns: dict[str, list[ast.expr]] = {}
     callables: set[str] = set()
     for node in tree.body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
@@ -184,9 +184,7 @@ def _read_module(source: str) -> _Module:
             kernel = _read_kernel(node) if isinstance(node, ast.FunctionDef) else None
             if kernel is not None:
                 kernels[kernel.name] = kernel
-        else:
-            for name, value in _bindings(node):
-                assigns.setdefault(name, []).append(value)
+    assigns = _collect_bindings(tree.body)
     int_constants = {name: vals[0] for name, vals in assigns.items()
                      if len(vals) == 1 and isinstance(vals[0], ast.Constant) and _int(vals[0]) is not None}
     return _Module(tree, source.splitlines(), kernels, assigns, int_constants, callables)
@@ -221,11 +219,13 @@ class _Scope:
 
     assigns: dict[str, list[ast.expr]]
     params: set[str]
+    defaults: dict[str, ast.expr]  # a parameter's default: a number the grid may read
 
 
-def _scope_of(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> _Scope:
+def _collect_bindings(body: list[ast.stmt]) -> dict[str, list[ast.expr]]:
+    """Every name bound in a block, at any depth (if, for, with), not inside nested defs."""
     assigns: dict[str, list[ast.expr]] = {}
-    pending: list[ast.AST] = list(fn.body)
+    pending: list[ast.AST] = list(body)
     while pending:
         node = pending.pop()
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Lambda):
@@ -233,10 +233,19 @@ def _scope_of(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> _Scope:
         for name, value in _bindings(node):
             assigns.setdefault(name, []).append(value)
         pending.extend(ast.iter_child_nodes(node))
+    return assigns
+
+
+def _scope_of(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> _Scope:
+    assigns = _collect_bindings(fn.body)
     a = fn.args
-    params = {x.arg for x in [*a.posonlyargs, *a.args, *a.kwonlyargs]}
+    positional = [*a.posonlyargs, *a.args]
+    params = {x.arg for x in [*positional, *a.kwonlyargs]}
     params |= {x.arg for x in (a.vararg, a.kwarg) if x is not None}
-    return _Scope(assigns, params)
+    defaults = {x.arg: d for x, d in zip(positional[len(positional) - len(a.defaults):], a.defaults,
+                                         strict=True)}
+    defaults |= {x.arg: d for x, d in zip(a.kwonlyargs, a.kw_defaults, strict=True) if d is not None}
+    return _Scope(assigns, params, defaults)
 
 
 def _launches(mod: _Module) -> Iterator[tuple[ast.Call, _Kernel, list[_Scope]]]:
@@ -271,26 +280,27 @@ class _Grid:
 def _scan_grid(grid: ast.expr, scopes: list[_Scope], mod: _Module) -> _Grid:
     out = _Grid()
     seen: set[str] = set()
-    lambda_params: set[str] = set()
     pending: list[ast.expr] = [grid]
+    no_names: frozenset[str] = frozenset()
 
-    def divisor(node: ast.expr, delta: int = 0) -> None:
+    def divisor(node: ast.expr, bound: frozenset[str], delta: int = 0) -> None:
         site, value = _site(node, delta), _int(node)
         if value is not None and site is not None:
             out.divisors.setdefault(value - delta, []).append(site)
         else:
-            visit(node)
+            visit(node, bound)
 
     def resolve(name: str) -> None:
-        if name in seen or name in lambda_params:
+        if name in seen:
             return
         seen.add(name)
         for scope in scopes:
             if name in scope.assigns:
                 pending.extend(scope.assigns[name])
                 return
-            if name in scope.params:
-                return  # data handed in (tensors, sizes)
+            if name in scope.params:  # data handed in (tensors, sizes), or its default
+                pending.extend([scope.defaults[name]] if name in scope.defaults else [])
+                return
         if name in mod.int_constants:
             out.constants.add(name)
         elif name in mod.callables:
@@ -298,56 +308,61 @@ def _scan_grid(grid: ast.expr, scopes: list[_Scope], mod: _Module) -> _Grid:
         else:
             pending.extend(mod.assigns.get(name, []))
 
-    def visit(node: ast.expr) -> None:
+    def visit(node: ast.expr, bound: frozenset[str]) -> None:
+        """`bound`: names of the lambdas around `node`, which no assignment reaches."""
         if isinstance(node, ast.Constant):
             if (value := _int(node)) is not None:
                 out.others.add(value)
         elif isinstance(node, ast.Lambda):
-            lambda_params.update(a.arg for a in node.args.args)
-            visit(node.body)
+            for default in [*node.args.defaults, *node.args.kw_defaults]:
+                if default is not None:
+                    visit(default, bound)
+            a = node.args
+            visit(node.body, bound | {x.arg for x in [*a.posonlyargs, *a.args, *a.kwonlyargs]})
         elif isinstance(node, ast.Name):
-            resolve(node.id)
+            if node.id not in bound:
+                resolve(node.id)
         elif isinstance(node, ast.Attribute):
             if isinstance(node.value, ast.Name) and node.value.id == "self":
                 out.opaque = True
-            visit(node.value)
+            visit(node.value, bound)
         elif isinstance(node, ast.Subscript):
-            visit(node.value)
+            visit(node.value, bound)
             if _int(node.slice) is None:  # x.shape[0]: an index, not a size
-                visit(node.slice)
+                visit(node.slice, bound)
         elif isinstance(node, ast.Call) and _callee(node.func) == "cdiv" and len(node.args) == 2:
-            visit(node.func)
-            visit(node.args[0])
-            divisor(node.args[1])
+            visit(node.func, bound)
+            visit(node.args[0], bound)
+            divisor(node.args[1], bound)
         elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.FloorDiv | ast.Div) \
                 and (size := _int(node.right)) is not None:
             left = node.left
-            divisor(node.right)
+            divisor(node.right, bound)
             # Ceiling division written out: (n + B - 1) // B or (n + (B-1)) // B.
             if isinstance(left, ast.BinOp) and isinstance(left.op, ast.Add) \
                     and _int(left.right) == size - 1:
-                divisor(left.right, -1)
-                visit(left.left)
+                divisor(left.right, bound, -1)
+                visit(left.left, bound)
             elif isinstance(left, ast.BinOp) and isinstance(left.op, ast.Sub) and _int(left.right) == 1 \
                     and isinstance(left.left, ast.BinOp) and isinstance(left.left.op, ast.Add) \
                     and _int(left.left.right) == size:
-                divisor(left.left.right)
-                visit(left.left.left)
+                divisor(left.left.right, bound)
+                visit(left.left.left, bound)
             else:
-                visit(left)
+                visit(left, bound)
         else:
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, ast.expr):
-                    visit(child)
+                    visit(child, bound)
                 elif isinstance(child, ast.keyword | ast.comprehension):
                     for sub in ast.iter_child_nodes(child):
                         if isinstance(sub, ast.expr):
-                            visit(sub)
+                            visit(sub, bound)
 
     if isinstance(grid, ast.Name) and any(grid.id in s.params for s in scopes):
         out.opaque = True  # the grid itself comes from the caller
     while pending:
-        visit(pending.pop())
+        visit(pending.pop(), no_names)
     return out
 
 
@@ -462,6 +477,11 @@ def _literal_unit(key: str, name: str, kind: str, option: str, node: ast.expr,
     return _Unit(key, name, kind, value, site, choices)
 
 
+def _needs_pow2(option: str | None, kernel: _Kernel) -> bool:
+    """Triton wants powers of two for tensor shapes and for num_warps."""
+    return option == "num_warps" or option in kernel.shaped
+
+
 def _tunable_literal(option: str | None, node: ast.expr, kernel: _Kernel) -> bool:
     value = _int(node)
     if option is None or value is None:
@@ -483,7 +503,7 @@ def _launch_units(call: ast.Call, kernel: _Kernel, scopes: list[_Scope], label: 
         if isinstance(node, ast.Name) and not any(node.id in s.assigns for s in scopes):
             if node.id in units and option is not None:
                 unit = units[node.id]
-                unit.pow2 |= option in kernel.shaped
+                unit.pow2 |= _needs_pow2(option, kernel)
                 if option in kernel.constexprs:
                     tied.setdefault(unit.value, []).append(unit.key)
             elif node.id in mod.int_constants and (value := _int(mod.int_constants[node.id])) is not None:
@@ -499,7 +519,7 @@ def _launch_units(call: ast.Call, kernel: _Kernel, scopes: list[_Scope], label: 
         if literal is None:
             foreign.add(value)
             continue
-        literal.pow2 = option in kernel.shaped
+        literal.pow2 = _needs_pow2(option, kernel)
         units[literal.key] = literal
         if option in kernel.constexprs:  # num_warps / num_stages never touch the grid
             tied.setdefault(value, []).append(literal.key)
@@ -559,7 +579,7 @@ def _find_units(mod: _Module) -> tuple[dict[str, _Unit], _Groups]:
                 name = f"{kernel.name}.configs[{i}].{option}"
                 unit = _literal_unit(_site_key(site), name, "autotune", option, node, per_line, mod)
                 if unit is not None and unit.choices is not None:
-                    unit.pow2 = option in kernel.shaped
+                    unit.pow2 = _needs_pow2(option, kernel)
                     units[unit.key] = unit
     return units, groups
 

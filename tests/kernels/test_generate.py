@@ -200,6 +200,11 @@ def test_unrelated_equal_literal_untouched() -> None:
         assert set(tunable_values(src)) == {"_add_kernel.num_warps"}, new_launch
         for v in template_variants(src, 10, seed=0):
             assert v.count("1024") == src.count("1024")
+    # Nor when the grid reads a parameter whose default is that number.
+    src = replace_once(replace_once(ADD_LAUNCH, "b: torch.Tensor) -> torch.Tensor:",
+                                    "b: torch.Tensor, div: int = 1024) -> torch.Tensor:"),
+                       "[(triton.cdiv(n, 1024),)]", "[(triton.cdiv(n, div),)]")
+    assert set(tunable_values(src)) == {"_add_kernel.num_warps"}
     # A constexpr whose meaning we cannot know stays put.
     src = ADD_LAUNCH.replace("BLOCK: tl.constexpr)", "BLOCK: tl.constexpr, MODE: tl.constexpr)").replace(
         "BLOCK=1024,", "BLOCK=1024, MODE=2,")
@@ -219,6 +224,12 @@ def test_equal_blocks_sharing_a_grid_move_together() -> None:
     assert {"BLOCK_M", "BLOCK_N", "BLOCK_K"} <= names
     new = apply_values(src, {"_matmul_kernel.BM": 64})
     assert "grid = (triton.cdiv(m, 64), triton.cdiv(n, 64))" in new and "BM=64, BN=64," in new
+    # A grid that reads a constant while the launch spells its value out: one tunable.
+    src = "BLOCK_SIZE = 1024\n" + replace_once(ADD_LAUNCH, "[(triton.cdiv(n, 1024),)]",
+                                                "[(triton.cdiv(n, BLOCK_SIZE),)]")
+    assert set(tunable_values(src)) == {"BLOCK_SIZE", "_add_kernel.num_warps"}
+    new = apply_values(src, {"BLOCK_SIZE": 128})
+    assert new.startswith("BLOCK_SIZE = 128\n") and "BLOCK=128, num_warps=4)" in new
     # One grid variable shared by two launches ties their blocks together.
     two = ADD_LAUNCH.replace(
         "        _add_kernel[(triton.cdiv(n, 1024),)](a, b, out, n, BLOCK=1024, num_warps=4)\n",
@@ -253,6 +264,11 @@ def test_powers_of_two_where_a_block_shapes_a_tensor() -> None:
     stages = RELU_LAUNCH.replace("num_stages=2)", "num_stages=2)  # tune: 3, 5").replace(
         "num_warps=2, num_stages", "num_warps=2,\n                           num_stages")
     assert {x.name: x.choices for x in find_tunables(stages)}["_relu_kernel.num_stages"] == (2, 3, 5)
+    # num_warps must be a power of two, as a launch literal or a constant passed to it.
+    warps = replace_once(ADD_LAUNCH, "num_warps=4)", "\n            num_warps=4)  # tune: 3, 8")
+    assert {x.name: x.choices for x in find_tunables(warps)}["_add_kernel.num_warps"] == (4, 8)
+    const = "NUM_WARPS = 4  # tune: 2, 6\n" + replace_once(ADD_LAUNCH, "num_warps=4)", "num_warps=NUM_WARPS)")
+    assert {x.name: x.choices for x in find_tunables(const)}["NUM_WARPS"] == (2, 4)
 
 
 def test_autotune_configs_varied_and_grown() -> None:
