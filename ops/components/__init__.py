@@ -41,6 +41,7 @@ COMPONENTS: dict[str, str] = {
     "dispatcher": "ops.components.dispatcher",
     "worker": "ops.components.worker",
     "evolver": "ops.components.evolver",
+    "query": "ops.components.query",
 }
 
 
