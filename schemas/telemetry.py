@@ -2,6 +2,7 @@
 process metrics, the processes they discover, and node lifecycle events.
 
     KV `nodes`, key <node>                 NodeInventory
+    KV `node_states`, key <node>           NodeStatus (the monitors' verdict: alive or lost)
     telemetry.<node>.heartbeat             Heartbeat
     telemetry.<node>.gpu                   GpuMetrics (DCGM's default set, plus per-process)
     telemetry.<node>.procs                 ProcessMetrics
@@ -51,6 +52,12 @@ class ProcessInfo(Struct, kw_only=True):
     # JETFLEET_JOB_ID from its environment: a process of a submitted job.
     job_id: str | None = None
     notes: list[str] = []  # what could not be read, and why
+    ppid: int | None = None
+    # argv longer than the capture limit: `cmdline` holds its head only.
+    cmdline_truncated: bool = False
+    config_truncated: bool = False
+    # Made up by the fleet simulator, not found on a machine.
+    simulated: bool = False
 
 
 class ProcessLink(Struct, kw_only=True):
@@ -75,6 +82,11 @@ class ProcessSample(Struct, kw_only=True):
     open_files: int | None = None
     gpu_memory_mb: float | None = None
     gpus: list[str] = []
+    ppid: int | None = None
+    name: str | None = None
+    # The job's own process (False: a child of it, such as a torchrun rank or a loader).
+    root: bool = True
+    simulated: bool = False
 
 
 class ProcessMetrics(Struct, kw_only=True):
@@ -90,6 +102,8 @@ class DiscoveredRef(Struct, kw_only=True):
     pid: int
     create_time: float = 0.0
     origin: Literal["submitted", "discovered"] = "discovered"
+    gpus: list[str] = []
+    processes: int = 1  # the job's process and its children
 
 
 class DiscoveredJobs(Struct, kw_only=True):
@@ -115,6 +129,10 @@ class GpuInventory(Struct, kw_only=True):
     mig_mode: str | None = None
     compute_capability: str | None = None
     simulated: bool = False
+    # MIG devices under this GPU (when MIG is enabled).
+    mig_devices: int = 0
+    # A MIG device: the index of the physical GPU it is carved from.
+    mig_parent: int | None = None
 
 
 class GpuSample(Struct, kw_only=True):
@@ -150,6 +168,9 @@ class GpuSample(Struct, kw_only=True):
     # Fields MIG hides (per-process memory and utilization).
     mig_hidden: list[str] = []
     simulated: bool = False
+    # A MIG device: the index of its physical GPU (`index` is then its MIG index).
+    mig_parent: int | None = None
+    power_limit_w: float | None = None
 
 
 class GpuProcessSample(Struct, kw_only=True):
@@ -165,6 +186,7 @@ class GpuProcessSample(Struct, kw_only=True):
     dec_util_pct: float | None = None
     job_id: str | None = None
     kind: Literal["compute", "graphics", "both"] = "compute"
+    simulated: bool = False
 
 
 class GpuMetrics(Struct, kw_only=True):
@@ -205,6 +227,11 @@ class NodeInventory(Struct, kw_only=True):
     metrics_interval_s: float = 10.0
     labels: dict[str, str] = {}
     simulated: bool = False
+    machine_id: str | None = None
+    boot_time: float | None = None
+    architecture: str | None = None
+    # What makes a process a job here (regular expressions over its command line).
+    job_patterns: list[str] = []
 
 
 class Heartbeat(Struct, kw_only=True):
@@ -224,9 +251,42 @@ class Heartbeat(Struct, kw_only=True):
     # Telemetry messages waiting to go out (the bus was away).
     backlog: int = 0
     simulated: bool = False
+    hostname: str | None = None
+    # The running jobs the agent tracks (both origins), at most MAX_HEARTBEAT_JOBS.
+    job_ids: list[str] = []
+    # Seconds the current sampling cycle has run past its interval (a stuck
+    # NVML call, say); None while sampling keeps up.
+    sampling_late_s: float | None = None
+
+
+MAX_HEARTBEAT_JOBS = 1000
 
 
 # ---- node events ------------------------------------------------------------------------------
+
+
+class NodeStatus(Struct, kw_only=True):
+    """The value of key <node> in KV `node_states`: what the monitors decided.
+
+    Written only on a change (joined, lost, recovered) under compare-and-set,
+    so of several monitors exactly one makes each change and emits its event.
+    """
+
+    schema: int = SCHEMA_VERSION
+    node: str
+    state: Literal["alive", "lost"] = "alive"
+    since: float = msgspec.field(default_factory=now)
+    joined_at: float = 0.0
+    # Wall-clock time the deciding monitor last heard the node (informational:
+    # lost-ness is decided on the monitor's own monotonic clock).
+    last_heard: float = 0.0
+    changes: int = 0  # lost/recovered transitions so far
+    jobs: list[str] = []  # lost: the jobs marked lost with it
+    leases: list[str] = []  # lost: the lease keys reclaimed
+    monitor: str | None = None
+    hostname: str | None = None
+    simulated: bool = False
+
 
 
 class NodeEventBase(msgspec.Struct, kw_only=True, omit_defaults=True, tag_field="kind"):
@@ -240,6 +300,7 @@ class NodeJoined(NodeEventBase, tag="joined"):
     hostname: str | None = None
     gpus: int = 0
     simulated: bool = False
+    monitor: str | None = None
 
 
 class NodeLost(NodeEventBase, tag="lost"):
@@ -247,11 +308,16 @@ class NodeLost(NodeEventBase, tag="lost"):
     silent_s: float = 0.0
     jobs: list[str] = []
     leases: list[str] = []
+    reason: str = ""
+    monitor: str | None = None
+    simulated: bool = False
 
 
 class NodeRecovered(NodeEventBase, tag="recovered"):
     silent_s: float = 0.0
     jobs: list[str] = []
+    monitor: str | None = None
+    simulated: bool = False
 
 
 class AppStarted(NodeEventBase, tag="app_started"):
