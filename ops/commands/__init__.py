@@ -6,4 +6,5 @@ A new area adds its module here (and nothing else in ops/cli.py changes).
 COMMAND_MODULES = (
     "ops.commands.jobs",
     "ops.commands.fleet",
+    "ops.commands.query",
 )
