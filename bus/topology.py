@@ -29,6 +29,7 @@ KV_JOBS = "jobs"
 KV_CAPABILITIES = "capabilities"
 KV_LEASES = "leases"
 KV_NODES = "nodes"
+KV_NODE_STATES = "node_states"
 KV_RESOURCES = "resources"
 OBJECTS = "objects"
 
@@ -89,6 +90,30 @@ def worker_events(worker_id: str) -> str:
 
 def telemetry(node: str, kind: str) -> str:
     return f"telemetry.{node}.{kind}"
+
+
+# Telemetry kinds: telemetry.<node>.<kind>.
+HEARTBEAT = "heartbeat"
+GPU = "gpu"
+PROCS = "procs"
+DISCOVERED = "jobs"
+NODE_EVENTS_ALL = "events.nodes.>"
+
+
+def telemetry_all(kind: str) -> str:
+    """Every node's telemetry of one kind, e.g. `telemetry.*.heartbeat`."""
+    return f"telemetry.*.{kind}"
+
+
+def telemetry_node(subject: str) -> str:
+    """The node token of a `telemetry.<node>.<kind>` subject ('' if not one)."""
+    parts = subject.split(".")
+    return parts[1] if len(parts) == 3 and parts[0] == "telemetry" else ""
+
+
+def code_object(node: str, digest: str) -> str:
+    """Object-store name of a captured script or config too large to travel inline."""
+    return f"captured/{node}/{digest}"
 
 
 def dead_subject(stream: str) -> str:
@@ -196,6 +221,10 @@ def kv_configs(s: Settings) -> list[js_api.KeyValueConfig]:
         js_api.KeyValueConfig(
             bucket=KV_NODES, description="static node inventory", storage=file,
             replicas=s.replicas,
+        ),
+        js_api.KeyValueConfig(
+            bucket=KV_NODE_STATES, description="alive or lost, as the monitors decided",
+            history=4, storage=file, replicas=s.replicas,
         ),
         js_api.KeyValueConfig(
             bucket=KV_RESOURCES, description="versioned shared resources", history=16,
