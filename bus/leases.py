@@ -261,3 +261,39 @@ class LeaseWatch:
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
+
+
+async def reclaim_node(bus: Bus, node: str) -> list[str]:
+    """Free every lease a lost node holds: its keys (`<node>.…`) whose record names
+    it, each deleted only at the revision read, so a lease taken again meanwhile
+    is left alone. Its holder, if still alive, finds out at its next renewal
+    (LeaseLost) and stops using the device. Returns the keys freed."""
+    kv = await bus.kv(topology.KV_LEASES)
+    watcher = await kv.watch(f"{node}.>", ignore_deletes=True)
+    held: list[tuple[str, int]] = []
+    try:
+        async for entry in watcher:
+            if entry is None:
+                break  # the end of what is stored now
+            if not entry.value:
+                continue
+            with contextlib.suppress(codec.DecodeError):
+                rec = codec.decode(entry.value, LeaseRecord)
+                if rec.node not in (None, node):
+                    continue
+            held.append((entry.key, int(entry.revision or 0)))
+    finally:
+        with contextlib.suppress(Exception):
+            await watcher.stop()  # type: ignore[no-untyped-call]
+    freed: list[str] = []
+    for key, revision in held:
+        try:
+            await kv.delete(key, last=revision)
+        except KeyWrongLastSequenceError:
+            continue
+        except APIError as exc:
+            if exc.err_code in _WRONG_LAST:
+                continue
+            raise
+        freed.append(key)
+    return freed

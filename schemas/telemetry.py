@@ -286,6 +286,9 @@ class NodeStatus(Struct, kw_only=True):
     monitor: str | None = None
     hostname: str | None = None
     simulated: bool = False
+    # The change's event and its effects (jobs lost or resumed, leases freed) are
+    # done; a monitor that finds False on an older change finishes it.
+    announced: bool = False
 
 
 

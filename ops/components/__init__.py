@@ -42,6 +42,8 @@ COMPONENTS: dict[str, str] = {
     "worker": "ops.components.worker",
     "evolver": "ops.components.evolver",
     "query": "ops.components.query",
+    "agent": "ops.components.agent",
+    "monitor": "ops.components.monitor",
 }
 
 
