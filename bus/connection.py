@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
@@ -43,6 +44,18 @@ class Bus:
         self.name = name
         self._kv: dict[str, KeyValue] = {}
         self._objects: ObjectStore | None = None
+        self._reconnect_hooks: list[Callable[[], Awaitable[None]]] = []
+
+    def on_reconnect(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run `hook` after every reconnect (a request sent meanwhile may be lost)."""
+        self._reconnect_hooks.append(hook)
+
+    async def _reconnected(self) -> None:
+        for hook in list(self._reconnect_hooks):
+            try:
+                await hook()
+            except Exception:
+                log.exception("reconnect hook failed")
 
     async def kv(self, bucket: str) -> KeyValue:
         kv = self._kv.get(bucket)
@@ -155,8 +168,12 @@ async def connect(
     async def _on_disconnect() -> None:
         log.info("nats: disconnected from %s", target)
 
+    holder: list[Bus] = []
+
     async def _on_reconnect() -> None:
         log.info("nats: reconnected")
+        if holder:
+            asyncio.get_running_loop().create_task(holder[0]._reconnected())
 
     opts.update(error_cb=_on_error, disconnected_cb=_on_disconnect, reconnected_cb=_on_reconnect)
     loop = asyncio.get_running_loop()
@@ -183,6 +200,7 @@ async def connect(
         raise
     js = nc.jetstream(timeout=10)
     bus = Bus(nc, js, s, name)
+    holder.append(bus)
     if apply_topology:
         await topology.apply(js, s)
     return bus

@@ -58,11 +58,14 @@ class ControlService:
         self.info: Callable[[], dict[str, Any]] = info or (lambda: {})
         self._extra: dict[str, Handler] = {}
         self._service: Any = None
+        self._group: Any = None
 
-    def add(self, endpoint: str, handler: Handler) -> None:
-        """Add an endpoint before `start()`; the handler gets the request body and
-        returns something JSON-encodable, or raises ControlError."""
+    async def add(self, endpoint: str, handler: Handler) -> None:
+        """Add an endpoint (before or after `start()`); the handler gets the request
+        body and returns something JSON-encodable, or raises ControlError."""
         self._extra[endpoint] = handler
+        if self._group is not None:
+            await self._group.add_endpoint(name=endpoint, handler=_wrap(handler))
 
     async def start(self) -> None:
         from nats import micro
@@ -80,18 +83,27 @@ class ControlService:
         self._service = await micro.add_service(
             self.bus.nc, name=f"jetfleet-{self.component}", version=VERSION,
             description=f"jetfleet {self.component}",
-            metadata={"instance": self.instance, "component": self.component})
-        group = self._service.add_group(name=topology.control_group(self.kind, self.instance))
+            metadata=self._metadata())
+        group = self._group = self._service.add_group(
+            name=topology.control_group(self.kind, self.instance))
         await group.add_endpoint(name="info", handler=info)
         await group.add_endpoint(name="drain", handler=drain)
         for name, handler in self._extra.items():
             await group.add_endpoint(name=name, handler=_wrap(handler))
 
+    def _metadata(self) -> dict[str, str]:
+        from agents.devices import node_name
+
+        meta = {"instance": self.instance, "component": self.component, "node": node_name()}
+        if self.kind == "worker":
+            meta["worker_id"] = self.instance  # a job's worker_id reaches it
+        return meta
+
     async def stop(self) -> None:
         if self._service is not None:
             with contextlib.suppress(Exception):
                 await self._service.stop()
-            self._service = None
+            self._service = self._group = None
 
 
 def _wrap(handler: Handler) -> Callable[[Any], Awaitable[None]]:

@@ -43,6 +43,12 @@ class JobTable:
         while len(self._last) > self.CACHE_SIZE:
             self._last.popitem(last=False)
 
+    def prime(self, job_id: str, raw: bytes, revision: int) -> None:
+        """Remember a record and revision learnt elsewhere (a work item carries the
+        dispatcher's), so the next transition needs no read to start from."""
+        if job_id not in self._last or self._last[job_id][1] < revision:
+            self._remember(job_id, raw, revision)
+
     async def kv(self) -> KeyValue:
         if self._kv is None:
             self._kv = await self.bus.kv(topology.KV_JOBS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from schemas.common import SCHEMA_VERSION, Struct
+from schemas.jobs import Resources
 
 
 class DeviceInfo(Struct, kw_only=True):
@@ -27,6 +28,9 @@ class CapabilityAdvert(Struct, kw_only=True):
     node: str
     pid: int
     capabilities: list[dict[str, str]]
+    # What every job of a capability needs leased (by capability type), when it
+    # declares devices: placement uses it to tell "can never run here".
+    needs: dict[str, Resources] = {}
     devices: list[DeviceInfo] = []
     capacity: int = 1
     load: int = 0

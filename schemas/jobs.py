@@ -51,6 +51,14 @@ class Resources(Struct, kw_only=True, forbid_unknown_fields=True):
     def any(self) -> bool:
         return bool(self.gpus or self.gpu_memory_mb or self.cpu_slots)
 
+    def at_least(self, other: Resources | None) -> Resources:
+        """The larger of each: a job gets at least what its capability declares."""
+        if other is None:
+            return self
+        return Resources(gpus=max(self.gpus, other.gpus),
+                         gpu_memory_mb=max(self.gpu_memory_mb, other.gpu_memory_mb),
+                         cpu_slots=max(self.cpu_slots, other.cpu_slots))
+
 
 class JobSubmission(Struct, kw_only=True, forbid_unknown_fields=True):
     """What a user publishes on `jobs.submit`."""
@@ -67,6 +75,8 @@ class JobSubmission(Struct, kw_only=True, forbid_unknown_fields=True):
     labels: dict[str, str] = {}
     resources: Resources | None = None
     parent_job_id: Id | None = None
+    # How deep in a chain of ctx.call()s this job is (0: submitted by a client).
+    depth: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
 
     @property
     def capability_type(self) -> str:
@@ -89,8 +99,11 @@ class WorkItem(Struct, kw_only=True):
     resources: Resources | None = None
     submitted_at: float = 0.0
     parent_job_id: str | None = None
-    # Workers that handed the job back (delegation), so it is not taken again by them.
-    delegated_by: list[str] = []
+    depth: int = 0
+    # The record the dispatcher created and its KV revision: the worker's first
+    # compare-and-set tries it instead of reading the record back.
+    record: JobState | None = None
+    revision: int | None = None
 
 
 class AttemptRecord(Struct, kw_only=True):
@@ -131,6 +144,7 @@ class JobState(Struct, kw_only=True):
     progress: float | None = None
     attempts: list[AttemptRecord] = []
     parent_job_id: str | None = None
+    depth: int = 0
     # JOBS stream sequence of the submission that created this record: tells a
     # redelivery of the same submission (carry on) from a duplicate (refuse).
     submit_seq: int | None = None
@@ -156,3 +170,13 @@ class CancelRequest(Struct, kw_only=True, forbid_unknown_fields=True):
     job_id: Id
     reason: str = "cancelled by request"
     user: str | None = None
+
+
+class StopRequest(Struct, kw_only=True):
+    """The body of a worker's `cancel` control request (jetfleet.worker.<id>.cancel)."""
+
+    job_id: str
+    reason: str = "cancelled by request"
+    # "cancelled" (a user's cancel) or "superseded" (a newer attempt took the job).
+    kind: Literal["cancelled", "superseded"] = "cancelled"
+    attempt: int | None = None

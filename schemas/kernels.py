@@ -54,6 +54,10 @@ class KernelTimings(msgspec.Struct, kw_only=True):
     l2_flush: bool
     # False under Triton's interpreter: the numbers measure numpy, not a kernel.
     representative: bool
+    # Median per timed run of the trusted evaluator's own clock around the
+    # candidate's run (inputs and outputs in transit included); the candidate's
+    # figures above were checked against it.
+    candidate_wall_ms: float | None = None
 
 
 class KernelOutcome(msgspec.Struct, kw_only=True):
@@ -82,6 +86,12 @@ class KernelOutcome(msgspec.Struct, kw_only=True):
     returncode: int | None = None
     signal: int | None = None
     wall_s: float = 0.0
+    # What the candidate ran under: "namespaces" (full isolation), "process",
+    # or "none" (rejected by the static checks and never run). See docs/sandbox.md.
+    isolation: str = ""
+    # What was evaluated: the problem's label and the candidate's normalized program hash.
+    problem: str | None = None
+    candidate_hash: str | None = None
 
 
 class _KernelPayloadBase(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -129,7 +139,7 @@ class _GenPayloadBase(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # configured, else the template search. "llm" fails when none is configured.
     generator: Generator = "auto"
     seed: Seed = 0
-    # Fields the kernel-generation client sends (ops.client.SyncClient.submit_job);
+    # Fields the kernel-generation client sends (agents.kernels.sdk.KernelClient.submit_job);
     # recorded, not interpreted.
     task_desc: str = ""
     framework: Literal["torch"] = "torch"

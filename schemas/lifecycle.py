@@ -115,7 +115,7 @@ def new_job(sub: JobSubmission, job_id: str, *, submit_seq: int | None = None) -
         job_id=job_id, state="queued", capability=dict(sub.capability), priority=sub.priority,
         user=sub.user, labels=sub.labels, max_attempts=sub.max_attempts, submitted_at=now(),
         parent_job_id=sub.parent_job_id, submit_seq=submit_seq, resources=sub.resources,
-        timeout_s=sub.timeout_s,
+        timeout_s=sub.timeout_s, depth=sub.depth,
     )
 
 

@@ -22,24 +22,23 @@ from opentelemetry.trace import SpanKind
 from bus import codec, topology, tracing
 from bus.adverts import AdvertBook
 from bus.connection import Bus
-from bus.consumer import ConsumerLoop, DeadLetterReaper, Delivery, Reject
+from bus.consumer import ConsumerLoop, DeadLetterReaper, Delivery, Reject, Retry
 from bus.jobtable import JobTable, emit
-from schemas.common import ErrorInfo, is_valid_id, now
+from schemas import lifecycle as lc
+from schemas.common import ErrorInfo, is_valid_id
 from schemas.events import Cancelled, Dead, Duplicate, Failed, Queued, Submitted, Unschedulable
 from schemas.jobs import (
     CancelRequest,
     JobState,
     JobSubmission,
     Resources,
+    StopRequest,
     WorkItem,
     is_valid_capability_type,
 )
 from services.placement import explain_submission, unschedulable_reason
 
 log = logging.getLogger(__name__)
-
-# States from which the dispatcher itself may end a cancelled job: nobody runs it.
-_NOT_RUNNING = frozenset({"submitted", "queued", "unschedulable", "retrying", "lost"})
 
 
 @dataclass
@@ -125,9 +124,7 @@ class Dispatcher:
         if job_id is None:
             return
         error = ErrorInfo(code=code, message=reason)
-        state = JobState(job_id=job_id, state="failed", error=error, submitted_at=now(),
-                         ended_at=now(), reason=reason)
-        if await self.jobs.create(state) is None:
+        if await self.jobs.create(lc.refused_job(job_id, error)) is None:
             return  # the id belongs to a job that exists: leave it alone
         await emit(self.bus, Failed(job_id=job_id, error=error))
 
@@ -135,13 +132,9 @@ class Dispatcher:
         job_id = sub.job_id
         assert job_id is not None
         ctype = sub.capability["type"]
-        state = JobState(
-            job_id=job_id, state="queued", capability=dict(sub.capability),
-            priority=sub.priority, user=sub.user, labels=sub.labels,
-            max_attempts=sub.max_attempts, submitted_at=now(), parent_job_id=sub.parent_job_id,
-            submit_seq=d.stream_seq, resources=sub.resources,
-        )
-        if await self.jobs.create(state) is None:
+        state = lc.new_job(sub, job_id, submit_seq=d.stream_seq)
+        revision = await self.jobs.create(state)
+        if revision is None:
             existing = await self.jobs.get(job_id)
             if existing is None or existing[0].submit_seq != d.stream_seq:
                 # Known job (another Nats-Msg-Id, or a resubmission): never run twice.
@@ -152,14 +145,15 @@ class Dispatcher:
                 return
             # This very submission, redelivered after an earlier delivery died
             # part-way: carry on. Events and the WORK publish are deduplicated.
-            state = existing[0]
-        headers = tracing.inject({})
+            state, revision = existing
         subject = topology.work_subject(ctype, sub.priority)
         item = WorkItem(
             job_id=job_id, capability=dict(sub.capability), payload=sub.payload,
             payload_ref=sub.payload_ref, priority=sub.priority, max_attempts=sub.max_attempts,
             timeout_s=sub.timeout_s, user=sub.user, labels=sub.labels, resources=sub.resources,
-            submitted_at=state.submitted_at, parent_job_id=sub.parent_job_id,
+            submitted_at=state.submitted_at, parent_job_id=sub.parent_job_id, depth=sub.depth,
+            # The worker's first compare-and-set starts from these: no read.
+            record=state, revision=revision,
         )
         # Events and work item in one round trip: sent in this order on one
         # connection, so `submitted` and `queued` are stored before any worker
@@ -167,8 +161,8 @@ class Dispatcher:
         await asyncio.gather(
             emit(self.bus, Submitted(job_id=job_id, capability=dict(sub.capability),
                                      priority=sub.priority, user=sub.user,
-                                     parent_job_id=sub.parent_job_id), headers),
-            emit(self.bus, Queued(job_id=job_id, subject=subject), headers),
+                                     parent_job_id=sub.parent_job_id)),
+            emit(self.bus, Queued(job_id=job_id, subject=subject)),
             self.bus.publish(subject, item, msg_id=job_id))
         await self.bus.signal(topology.work_doorbell(ctype))
         self._watch[job_id] = _Watch(dict(sub.capability), sub.resources,
@@ -207,25 +201,13 @@ class Dispatcher:
                     self._watch.pop(job_id, None)  # it ended (or started) meanwhile
 
     async def _mark_unschedulable(self, job_id: str, reason: str) -> bool:
-        def mark(s: JobState) -> JobState | None:
-            if s.state not in ("queued", "submitted"):
-                return None
-            s.state, s.reason = "unschedulable", reason
-            return s
-
-        if await self.jobs.transition(job_id, mark) is None:
+        if await self.jobs.transition(job_id, lc.mark_unschedulable(reason)) is None:
             return False
         await emit(self.bus, Unschedulable(job_id=job_id, reason=reason))
         return True
 
     async def _requeue(self, job_id: str, w: _Watch) -> None:
-        def back(s: JobState) -> JobState | None:
-            if s.state != "unschedulable":
-                return None
-            s.state, s.reason = "queued", None
-            return s
-
-        if await self.jobs.transition(job_id, back) is not None:
+        if await self.jobs.transition(job_id, lc.requeue()) is not None:
             w.requeues += 1
             await emit(self.bus, Queued(job_id=job_id, event_id=f"{job_id}.0.queued.{w.requeues}",
                                         subject=topology.work_subject(w.capability["type"],
@@ -252,7 +234,11 @@ class Dispatcher:
             req = codec.decode(d.msg.data, CancelRequest)
         except codec.DecodeError as exc:
             raise Reject(exc.reason) from None
-        await cancel_job(self.bus, self.jobs, req)
+        if await cancel_job(self.bus, self.jobs, req) is None and d.num_delivered < 4:
+            if await self.jobs.get(req.job_id) is None:
+                # Not recorded yet: its submission may still be on its way (a
+                # parent cancelling a child it just submitted). Hold it a little.
+                raise Retry(0.5 * d.num_delivered, f"no job {req.job_id} yet")
 
     # ---- dead letters --------------------------------------------------------------
 
@@ -265,14 +251,7 @@ class Dispatcher:
             return
         error = ErrorInfo(code="deliveries_exhausted",
                           message="the work message exhausted its deliveries (workers kept dying)")
-
-        def kill(s: JobState) -> JobState | None:
-            if s.terminal:
-                return None
-            s.state, s.error, s.ended_at = "dead", error, now()
-            return s
-
-        got = await self.jobs.transition(item.job_id, kill)
+        got = await self.jobs.transition(item.job_id, lc.kill(error))
         if got is not None:
             await emit(self.bus, Dead(job_id=item.job_id, attempt=got[0].attempt, error=error,
                                       errors=[a.error for a in got[0].attempts if a.error]))
@@ -300,40 +279,38 @@ class Dispatcher:
 
 
 async def cancel_job(bus: Bus, jobs: JobTable, req: CancelRequest) -> JobState | None:
-    """End a job that nobody runs; flag and signal one that is running."""
-
-    def apply(s: JobState) -> JobState | None:
-        if s.terminal:
-            return None
-        if s.state in _NOT_RUNNING:
-            s.state, s.reason, s.ended_at = "cancelled", req.reason, now()
-        else:
-            if s.cancel_requested:
-                return None
-            s.cancel_requested = True
-            s.reason = req.reason
-        return s
-
-    got = await jobs.transition(req.job_id, apply)
-    if got is None:
-        return None
-    state = got[0]
-    if state.state == "cancelled":
+    """End a job that nobody runs; flag one that runs and ask its worker to stop it."""
+    got = await jobs.transition(req.job_id, lc.cancel(req.reason))
+    if got is not None:
+        state = got[0]
         await emit(bus, Cancelled(job_id=state.job_id, attempt=state.attempt, reason=req.reason))
-    else:
-        await _stop_running(bus, state, req.reason)
-    return state
+        return state
+    got = await jobs.transition(req.job_id, lc.request_cancel(req.reason))
+    if got is None:
+        return None  # unknown, already ended, or already being cancelled
+    await _stop_running(bus, got[0], req.reason)
+    return got[0]
 
 
 async def _stop_running(bus: Bus, state: JobState, reason: str) -> None:
-    """Ask the worker running the job, by its identity, to stop it."""
-    from bus.control import request
+    """Ask the worker running the job, by its identity, to stop it. A worker
+    that is away now finds the flag in the record when it reconnects; one that
+    died leaves the job to its next attempt, which sees the flag and cancels."""
+    from bus.control import ControlError, request
 
     if not state.worker_id:
         return
-    with contextlib.suppress(Exception):
-        await request(bus, "worker", state.worker_id, "cancel",
-                      {"job_id": state.job_id, "reason": reason, "attempt": state.attempt})
+    body = StopRequest(job_id=state.job_id, reason=reason, attempt=state.attempt)
+    for attempt in range(3):
+        try:
+            await request(bus, "worker", state.worker_id, "cancel", body, timeout=2.0)
+            return
+        except ControlError:
+            return  # it answered: not running there any more
+        except Exception as exc:  # no responders, timeout: try a little more
+            log.info("cancel of %s on %s: %s", state.job_id, state.worker_id,
+                     type(exc).__name__)
+            await asyncio.sleep(0.2 * (attempt + 1))
 
 
 async def main(bus: Bus, unschedulable_after_s: float) -> None:

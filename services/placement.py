@@ -9,15 +9,6 @@ from schemas.fleet import CapabilityAdvert, DeviceInfo, serves
 from schemas.jobs import Resources
 
 
-def node_devices(adverts: list[CapabilityAdvert]) -> dict[str, dict[str, DeviceInfo]]:
-    """node -> lease key -> device, merged across the node's workers."""
-    out: dict[str, dict[str, DeviceInfo]] = defaultdict(dict)
-    for a in adverts:
-        for d in a.devices:
-            out[a.node][d.key] = d
-    return out
-
-
 def fits(resources: Resources | None, devices: dict[str, DeviceInfo]) -> bool:
     """Could this node's devices hold `resources` if all of them were free?"""
     if resources is None or not resources.any():
@@ -54,16 +45,20 @@ def unschedulable_reason(capability: dict[str, str], resources: Resources | None
     if not matching:
         labels = ", ".join(f"{k}={v}" for k, v in sorted(capability.items()))
         return Unplaceable(f"no live worker advertises capability {{{labels}}}")
-    if resources is None or not resources.any():
-        return None
-    by_node = node_devices(matching)
-    if any(fits(resources, devs) for devs in by_node.values()):
-        return None
-    most = max((len({d.index for d in devs.values() if d.kind == "gpu"})
-                for devs in by_node.values()), default=0)
+    ctype = capability.get("type", "")
+    wanted = Resources()
+    for advert in matching:
+        # What the job asks for, and what the capability itself declares, on
+        # the devices this worker can lease.
+        need = (resources or Resources()).at_least(advert.needs.get(ctype))
+        if not need.any() or fits(need, {d.key: d for d in advert.devices}):
+            return None
+        wanted = need
+    most = max((len({d.index for d in a.devices if d.kind == "gpu"}) for a in matching),
+               default=0)
     return Unplaceable(
-        f"no node can satisfy resources gpus={resources.gpus} "
-        f"gpu_memory_mb={resources.gpu_memory_mb} cpu_slots={resources.cpu_slots} "
+        f"no node can satisfy resources gpus={wanted.gpus} "
+        f"gpu_memory_mb={wanted.gpu_memory_mb} cpu_slots={wanted.cpu_slots} "
         f"(the most GPUs any matching node offers is {most})", lasting=True)
 
 

@@ -247,7 +247,7 @@ async def test_running_event_carries_leases_and_the_handler_sees_its_device(bus,
 
     @app.capability(type="show.env", gpus=1)
     async def show(ctx: JobContext) -> dict[str, Any]:
-        held = await LeaseTable(ctx.services["bus"]).holders()
+        held = await LeaseTable(ctx.bus).holders()
         return {"env": ctx.env.get("CUDA_VISIBLE_DEVICES"), "devices": ctx.devices,
                 "held": {k: v.job_id for k, v in held.items()}}
 

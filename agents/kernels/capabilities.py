@@ -5,8 +5,9 @@
         candidate_source | candidate_ref           the Triton ModelNew (default:
                                                    the library problem's candidate)
         trials, atol, rtol, seed, eval_timeout_s, (profile) runs, warmup
-    result: schemas.kernels.KernelOutcome as a dict, plus `problem` and
-        `candidate_hash` (the normalized program hash).
+    result: schemas.kernels.KernelOutcome, with `problem` and `candidate_hash`
+        (the normalized program hash). The payload is decoded from the handler's
+        annotation: a field out of range fails the job at once (`invalid_payload`).
 
 Every verification outcome (pass, mismatch, compile_error, timeout, ...) is a
 *result*: the job succeeds. A job fails only when the payload is unusable
@@ -29,14 +30,12 @@ import importlib.util
 import os
 from typing import Any
 
-import msgspec
-
 from agents.kernels.evaluate import KernelEvalCancelled, cuda_present, evaluate
 from agents.kernels.generate import normalized_hash
 from agents.kernels.sources import SourceError, resolve_candidate, resolve_problem
 from agents.worker.app import App
 from agents.worker.context import JobContext, JobError
-from schemas.kernels import ProfilePayload, VerifyPayload
+from schemas.kernels import KernelOutcome, ProfilePayload, VerifyPayload
 
 for _mod in ("torch", "triton"):
     if importlib.util.find_spec(_mod) is None:
@@ -63,13 +62,6 @@ MEMORY_MB = int(os.environ.get("JETFLEET_KERNEL_MEMORY_MB", "4096"))
 kernels = App("kernels")
 
 
-def decode_payload(payload: Any, kind: type[msgspec.Struct]) -> Any:
-    try:
-        return msgspec.convert(payload, kind)
-    except (msgspec.ValidationError, TypeError) as exc:
-        raise JobError("invalid_payload", f"{kind.__name__}: {exc}", retryable=False) from exc
-
-
 def leased_devices(ctx: JobContext) -> list[str]:
     """The GPU indices leased to this job (empty on a CPU node)."""
     if GPUS == 0:
@@ -78,19 +70,15 @@ def leased_devices(ctx: JobContext) -> list[str]:
     return [d.strip() for d in raw.split(",") if d.strip()]
 
 
-async def run_evaluation(ctx: JobContext, kind: str, p: Any) -> dict[str, Any]:
-    bus = ctx.services["bus"]
+async def run_evaluation(ctx: JobContext, p: VerifyPayload | ProfilePayload) -> KernelOutcome:
+    kind = "profile" if isinstance(p, ProfilePayload) else "verify"
     try:
-        problem = await resolve_problem(bus, p)
-        candidate = await resolve_candidate(bus, p, problem)
+        problem = await resolve_problem(ctx.bus, p)
+        candidate = await resolve_candidate(ctx.bus, p, problem)
     except SourceError as exc:
         raise JobError(exc.code, exc.message, retryable=exc.retryable) from exc
-    if not 0 < p.eval_timeout_s <= 3600:
-        raise JobError("invalid_payload", "eval_timeout_s must be in (0, 3600]", retryable=False)
-    if not 1 <= p.trials <= 100:
-        raise JobError("invalid_payload", "trials must be in [1, 100]", retryable=False)
     extra: dict[str, Any] = {}
-    if kind == "profile":
+    if isinstance(p, ProfilePayload):
         extra = {"runs": p.runs, "warmup": p.warmup}
     devices = leased_devices(ctx)
     where = f"GPU {','.join(devices)}" if devices else "cpu (interpreter)"
@@ -105,21 +93,20 @@ async def run_evaluation(ctx: JobContext, kind: str, p: Any) -> dict[str, Any]:
         raise JobError("cancelled", "evaluation cancelled", retryable=False) from exc
     except (OSError, RuntimeError) as exc:  # could not start or read the sandbox
         raise JobError("evaluation_infrastructure", f"{type(exc).__name__}: {exc}") from exc
-    result: dict[str, Any] = msgspec.to_builtins(outcome)
-    result["problem"] = problem.label
-    result["candidate_hash"] = normalized_hash(candidate)
-    return result
+    outcome.problem = problem.label
+    outcome.candidate_hash = normalized_hash(candidate)
+    return outcome
 
 
 @kernels.capability(type="kernel.verify", gpus=GPUS, backend=BACKEND, dsl="triton",
                     concurrency=CONCURRENCY)
-async def verify(ctx: JobContext) -> dict[str, Any]:
-    """Seeded trials of candidate against reference in a sandbox: a KernelOutcome."""
-    return await run_evaluation(ctx, "verify", decode_payload(ctx.payload, VerifyPayload))
+async def verify(ctx: JobContext, p: VerifyPayload) -> KernelOutcome:
+    """Seeded trials of candidate against reference in a sandbox."""
+    return await run_evaluation(ctx, p)
 
 
 @kernels.capability(type="kernel.profile", gpus=GPUS, backend=BACKEND, dsl="triton",
                     concurrency=CONCURRENCY)
-async def profile(ctx: JobContext) -> dict[str, Any]:
-    """Verify, then time candidate and reference in the same sandboxed process."""
-    return await run_evaluation(ctx, "profile", decode_payload(ctx.payload, ProfilePayload))
+async def profile(ctx: JobContext, p: ProfilePayload) -> KernelOutcome:
+    """Verify, then time candidate and reference."""
+    return await run_evaluation(ctx, p)

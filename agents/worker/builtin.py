@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 from agents.worker.app import App
 from agents.worker.context import JobContext, JobError
@@ -12,28 +14,29 @@ builtin = App("builtin")
 
 
 @builtin.capability(type="echo")
-async def echo(ctx: JobContext) -> Any:
-    """Returns its payload as the result."""
-    return ctx.payload
+async def echo(ctx: JobContext, payload: dict[str, Any]) -> dict[str, Any]:
+    """Returns its payload (any JSON object) as the result."""
+    return payload
+
+
+class SleepPayload(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`sleep`: wait `seconds`, reporting progress `steps` times; cancellable."""
+
+    seconds: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 1.0
+    steps: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 10
+    # For exercising retries: fail the first N attempts.
+    fail_attempts: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
 
 
 @builtin.capability(type="sleep")
-async def sleep(ctx: JobContext) -> dict[str, Any]:
-    """Sleeps `seconds` (default 1), reporting progress `steps` times; cancellable."""
-    seconds = ctx.payload.get("seconds", 1.0)
-    steps = ctx.payload.get("steps", 10)
-    if not isinstance(seconds, int | float) or seconds < 0 or seconds > 86400:
-        raise JobError("invalid_payload", "sleep needs 0 <= seconds <= 86400", retryable=False)
-    if not isinstance(steps, int) or not 1 <= steps <= 10000:
-        raise JobError("invalid_payload", "sleep needs 1 <= steps <= 10000", retryable=False)
-    if ctx.payload.get("fail_attempts", 0) >= ctx.attempt:
-        # For exercising retries: fail the first N attempts.
+async def sleep(ctx: JobContext, p: SleepPayload) -> dict[str, Any]:
+    if p.fail_attempts >= ctx.attempt:
         raise JobError("requested_failure", f"failing attempt {ctx.attempt} as asked")
-    for i in range(steps):
+    for i in range(p.steps):
         try:
-            await asyncio.wait_for(ctx.cancelled.wait(), seconds / steps)
+            await asyncio.wait_for(ctx.cancelled.wait(), p.seconds / p.steps)
         except TimeoutError:
-            ctx.progress((i + 1) / steps, f"slept {(i + 1) * seconds / steps:.2f}s")
+            ctx.progress((i + 1) / p.steps, f"slept {(i + 1) * p.seconds / p.steps:.2f}s")
             continue
         raise JobError("cancelled", "sleep cancelled", retryable=False)
-    return {"slept": seconds, "devices": ctx.devices}
+    return {"slept": p.seconds, "devices": ctx.devices}

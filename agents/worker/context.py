@@ -1,4 +1,5 @@
-"""What a handler sees of its job: payload, devices, progress, cancellation."""
+"""What a handler sees of its job: payload, devices, progress, cancellation, and
+the fleet (the bus, a client, child jobs)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,14 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from schemas.jobs import WorkItem
+
+if TYPE_CHECKING:
+    from agents.worker.children import Children
+    from bus.connection import Bus
+    from sdk.client import Client
 
 
 class JobError(Exception):
@@ -34,6 +40,9 @@ class Delegate(Exception):
         self.reason = reason
 
 
+ProgressFn = Callable[[float | None, str | None, dict[str, Any] | None], None]
+
+
 @dataclass
 class JobContext:
     item: WorkItem
@@ -41,14 +50,17 @@ class JobContext:
     worker_id: str
     node: str
     devices: list[str]
+    # What the job's processes see: CUDA_VISIBLE_DEVICES of the leased GPUs.
     env: dict[str, str]
     loop: asyncio.AbstractEventLoop
-    _progress: Callable[[float | None, str | None, dict[str, Any] | None], Any]
+    bus: Bus
+    client: Client
+    children: Children
+    _progress: ProgressFn
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     # The same signal for handlers running in a thread.
     cancel_flag: threading.Event = field(default_factory=threading.Event)
     processes: set[asyncio.subprocess.Process] = field(default_factory=set)
-    services: dict[str, Any] = field(default_factory=dict)
 
     @property
     def job_id(self) -> str:
@@ -64,25 +76,28 @@ class JobContext:
 
     def progress(self, fraction: float | None = None, message: str | None = None,
                  **data: Any) -> None:
-        """Report progress; callable from the handler's loop or its thread."""
-        coro = self._progress(fraction, message, data or None)
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self.loop:
-            self.loop.create_task(coro)
-        else:
-            asyncio.run_coroutine_threadsafe(coro, self.loop)
+        """Report progress; callable from the handler's loop or its thread. Cheap:
+        events are coalesced and the job record is updated at most once a second."""
+        self._progress(fraction, message, data or None)
+
+    async def call(self, capability: dict[str, str] | str, payload: dict[str, Any] | None = None,
+                   *, timeout: float | None = None, **kw: Any) -> Any:
+        """Run another capability as a child job and return its result (see Children.call)."""
+        return await self.children.call(capability, payload, timeout=timeout, **kw)
 
     def _set_cancelled(self) -> None:
         self.cancel_flag.set()
-        self.cancelled.set()
+        if asyncio.get_running_loop() is self.loop:
+            self.cancelled.set()
+        else:
+            self.loop.call_soon_threadsafe(self.cancelled.set)
 
     async def run_process(self, argv: Sequence[str], *, env: dict[str, str] | None = None,
-                          cwd: str | None = None, timeout: float | None = None) -> tuple[int, bytes, bytes]:
-        """Run a child in its own process group that sees only this job's
-        devices; cancelling the job stops the whole group."""
+                          cwd: str | None = None,
+                          timeout: float | None = None) -> tuple[int, bytes, bytes]:
+        """Run a child in its own process group that sees only this job's devices
+        and carries JETFLEET_JOB_ID (so node agents link it to this job);
+        cancelling the job stops the whole group."""
         full_env = {**os.environ, **self.env, **(env or {}), "JETFLEET_JOB_ID": self.job_id}
         proc = await asyncio.create_subprocess_exec(
             *argv, env=full_env, cwd=cwd, stdout=asyncio.subprocess.PIPE,

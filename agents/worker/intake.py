@@ -1,0 +1,272 @@
+"""Intake: which work a worker takes, and when.
+
+    ring   a doorbell (or a 1 s tick) says some capability may have work;
+    take   pull what is there right now, highest priority first, as much as
+           there is room for;
+    hand   each message to the pipeline as its own task.
+
+Room: jobs that lease nothing (echo, sleep, CPU handlers) share a large pool
+(`cheap_capacity`); jobs that lease devices count against the worker's
+`capacity`, which comes from the devices it can lease. A job may ask for
+devices in its submission, so on a worker that has devices a message counts
+against `capacity` until it is read, and moves to the large pool when it
+needs none. A capability's own `concurrency` limit holds within either.
+While a job waits for a device (see middleware.leases) the worker takes
+nothing more.
+
+Priorities: p0, then p1, then p2. Against starvation, a lower priority whose
+oldest undelivered message has waited longer than `starvation_after_s` is
+looked at first, once per such check (at most one check per capability every
+`starvation_after_s / 4`, only while busy with higher priorities), so under a
+steady stream of p0 a p2 job waits about `starvation_after_s`, while a backlog
+queued all at once still drains strictly p0 before p1 before p2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from agents.worker.app import CapabilitySpec
+from bus import topology
+from bus.connection import Bus
+from bus.consumer import Delivery, decode_or_dead_letter
+from bus.pull import pull_now
+from schemas.common import now
+from schemas.jobs import WorkItem
+
+log = logging.getLogger(__name__)
+
+
+class Intake:
+    def __init__(self, bus: Bus, specs: dict[str, CapabilitySpec],
+                 process: Callable[[Delivery[WorkItem]], Awaitable[None]], *,
+                 capacity: int, cheap_capacity: int, starvation_after_s: float, poll_s: float,
+                 held: Callable[[], bool], has_devices: bool = False) -> None:
+        self.bus = bus
+        self.specs = specs
+        self.process = process
+        self.capacity = capacity
+        self.cheap_capacity = cheap_capacity
+        self.starvation_after_s = max(0.1, starvation_after_s)
+        self.poll_s = poll_s
+        self.held = held
+        self.has_devices = has_devices
+        self.tasks: dict[asyncio.Task[Any], str] = {}
+        self._task_pool: dict[asyncio.Task[Any], str] = {}
+        self.inflight: dict[str, int] = {}  # messages being handled, per capability
+        self.pool_used = {"devices": 0, "cheap": 0}
+        self._doorbell = asyncio.Event()
+        self._room = asyncio.Event()
+        self._pending: set[str] = set(specs)
+        self._aged: dict[str, int] = {}  # ctype -> starved priority to look at first
+        self._aging_checked = 0.0
+        self._own_bells: dict[str, int] = {}  # doorbells this worker rang for others
+        self._stopping = asyncio.Event()
+        self._bg: set[asyncio.Task[Any]] = set()
+        self._subs: list[Any] = []
+
+    # ---- doorbells --------------------------------------------------------------------
+
+    async def subscribe(self) -> None:
+        for ctype in self.specs:
+            self._subs.append(await self.bus.nc.subscribe(topology.work_doorbell(ctype),
+                                                          cb=self._ring))
+
+    async def _ring(self, msg: Msg) -> None:
+        ctype = topology.doorbell_type(msg.subject)
+        if self._own_bells.get(ctype):
+            self._own_bells[ctype] -= 1  # rung for the others (a delegation): not for us
+            return
+        if ctype in self.specs:
+            self._pending.add(ctype)
+            self._doorbell.set()
+
+    def ring_for_others(self, ctype: str, after: float) -> None:
+        async def ring() -> None:
+            await asyncio.sleep(after)
+            self._own_bells[ctype] = self._own_bells.get(ctype, 0) + 1
+            try:
+                await self.bus.signal(topology.work_doorbell(ctype))
+            except Exception:
+                self._own_bells[ctype] -= 1
+
+        self._background(ring())
+
+    def wake(self) -> None:
+        self._room.set()
+
+    # ---- room -------------------------------------------------------------------------
+
+    def _pool(self, ctype: str) -> str:
+        """Where a message of `ctype` counts until it is read."""
+        return "devices" if self.specs[ctype].resources.any() or self.has_devices else "cheap"
+
+    def _free(self, pool: str) -> int:
+        size = self.capacity if pool == "devices" else self.cheap_capacity
+        return size - self.pool_used[pool]
+
+    def _room_for(self, ctype: str) -> int:
+        room = self._free(self._pool(ctype))
+        if not self.specs[ctype].resources.any():
+            room = min(room, self._free("cheap"))
+        limit = self.specs[ctype].concurrency
+        if limit is not None:
+            room = min(room, limit - self.inflight.get(ctype, 0))
+        return room
+
+    def _any_room(self) -> bool:
+        return any(self._room_for(t) > 0 for t in self.specs)
+
+    # ---- taking work ------------------------------------------------------------------
+
+    def _order(self) -> list[tuple[int, str]]:
+        """Highest priority first, except a priority found starving, looked at first, once."""
+        aged = [(self._aged.pop(t), t) for t in sorted(self._pending) if t in self._aged]
+        strict = [(p, t) for p in topology.PRIORITIES for t in sorted(self._pending)]
+        return aged + [pt for pt in strict if pt not in aged]
+
+    async def _take(self) -> int:
+        empty: dict[str, int] = {}
+        seen: set[tuple[int, str]] = set()
+        for prio, ctype in self._order():
+            if (prio, ctype) in seen:
+                continue
+            seen.add((prio, ctype))
+            room = self._room_for(ctype)
+            if room <= 0:
+                continue  # this capability's pool or own limit is full
+            msgs = await pull_now(self.bus.nc, topology.WORK, topology.work_consumer(ctype, prio),
+                                  min(room, 256))
+            if not msgs:
+                empty[ctype] = empty.get(ctype, 0) + 1
+                continue
+            for msg in msgs:
+                self._spawn(msg, ctype, prio)
+            if prio < topology.PRIORITIES[-1]:
+                self._maybe_check_starvation(prio)
+            return len(msgs)  # start over from the top: strict priority
+        for ctype, n in empty.items():
+            if n == len(topology.PRIORITIES):
+                self._pending.discard(ctype)
+        return 0
+
+    def _maybe_check_starvation(self, served: int) -> None:
+        t = time.monotonic()
+        if t - self._aging_checked < self.starvation_after_s / 4:
+            return
+        self._aging_checked = t
+        self._background(self._check_starvation(served))
+
+    async def _check_starvation(self, served: int) -> None:
+        for ctype in sorted(self.specs):
+            for prio in reversed(topology.PRIORITIES):  # the lowest (most starved) first
+                if prio <= served:
+                    break
+                with contextlib.suppress(Exception):
+                    age = await self._oldest_waiting(ctype, prio)
+                    if age is not None and age >= self.starvation_after_s:
+                        self._aged[ctype] = prio
+                        self._pending.add(ctype)
+                        break
+
+    async def _oldest_waiting(self, ctype: str, prio: int) -> float | None:
+        """Seconds the oldest never-delivered message on (ctype, prio) has waited."""
+        info = await self.bus.js.consumer_info(topology.WORK, topology.work_consumer(ctype, prio))
+        if not info.num_pending:
+            return None
+        seq = int(info.delivered.stream_seq or 0) + 1 if info.delivered else 1
+        raw = await self.bus.js.get_msg(topology.WORK, seq=seq,
+                                        subject=topology.work_subject(ctype, prio), next=True)
+        if raw.time is None:
+            return None
+        return max(0.0, now() - raw.time.timestamp())
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            if self.held() or not self._any_room():
+                self._room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), self.poll_s)
+                continue
+            try:
+                took = await self._take()
+            except Exception as exc:  # reconnecting server, etc.: back off and go on
+                log.warning("taking work failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if took:
+                continue
+            self._doorbell.clear()
+            try:
+                await asyncio.wait_for(self._doorbell.wait(), self.poll_s)
+            except TimeoutError:
+                # A redelivery or a delayed retry rings no bell: look everywhere.
+                self._pending.update(self.specs)
+
+    # ---- handing over -------------------------------------------------------------------
+
+    def _spawn(self, msg: Msg, ctype: str, prio: int) -> None:
+        pool = self._pool(ctype)
+        self.pool_used[pool] += 1
+        self.inflight[ctype] = self.inflight.get(ctype, 0) + 1
+        task = asyncio.get_running_loop().create_task(self._handle(msg, ctype, prio))
+        self.tasks[task] = ctype
+        self._task_pool[task] = pool
+        task.add_done_callback(lambda t: self._done(t, ctype))
+
+    def _reclassify(self, ctype: str, item: WorkItem) -> None:
+        """Read: a job that leases nothing moves to the large pool."""
+        task = asyncio.current_task()
+        if (task is None or self._task_pool.get(task) != "devices"
+                or self.specs[ctype].resources.any()
+                or (item.resources is not None and item.resources.any())):
+            return
+        self._task_pool[task] = "cheap"
+        self.pool_used["devices"] -= 1
+        self.pool_used["cheap"] += 1
+        self._room.set()
+
+    def _done(self, task: asyncio.Task[Any], ctype: str) -> None:
+        self.tasks.pop(task, None)
+        self.pool_used[self._task_pool.pop(task, "cheap")] -= 1
+        self.inflight[ctype] -= 1
+        if self.specs[ctype].concurrency is not None:
+            self._pending.add(ctype)  # a limited capability has room again: look now
+            self._doorbell.set()
+        self._room.set()
+
+    async def _handle(self, msg: Msg, ctype: str, prio: int) -> None:
+        delivery = await decode_or_dead_letter(self.bus, msg, topology.WORK,
+                                               topology.work_consumer(ctype, prio), WorkItem)
+        if delivery is None:
+            return
+        self._reclassify(ctype, delivery.data)
+        keepalive = max(0.5, self.bus.settings.work_ack_wait_s / 4)
+        async with delivery.keepalive(keepalive):
+            await self.process(delivery)
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    # ---- stopping -----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._doorbell.set()
+        self._room.set()
+
+    async def close(self) -> None:
+        for task in list(self._bg):
+            task.cancel()
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
