@@ -30,7 +30,7 @@ from litestar.exceptions import (
 from litestar.middleware.rate_limit import DurationUnit, RateLimitConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from bus import topology
 from bus.connection import Bus
@@ -62,12 +62,12 @@ NodeStatus = Literal["up", "silent", "lost", "unknown"]
 Origin = Literal["submitted", "discovered"]
 Order = Literal["asc", "desc"]
 
-Limit = Annotated[int, Parameter(ge=1, le=1000, description="page size (1..1000)")]
-Offset = Annotated[int, Parameter(ge=0, le=MAX_OFFSET, description="items to skip")]
-Time = Annotated[str | None, Parameter(
+Limit = Annotated[int, QueryParameter(ge=1, le=1000, description="page size (1..1000)")]
+Offset = Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET, description="items to skip")]
+Time = Annotated[str | None, QueryParameter(
     description="epoch seconds, ISO 8601 (2024-02-05T10:30:00Z) or relative to now "
                 "(-90s, -15m, -2h, -7d)")]
-Bucket = Annotated[float, Parameter(ge=1, le=31 * 86400, description="bucket width, seconds")]
+Bucket = Annotated[float, QueryParameter(ge=1, le=31 * 86400, description="bucket width, seconds")]
 
 
 @dataclass
@@ -210,11 +210,11 @@ def create_app(ctx: ApiContext, config: ApiConfig | None = None) -> Litestar:
     cur = ctx.projection.reader
 
     @get("/jobs", sync_to_thread=True, opt={"scope": "read"}, summary="List jobs")
-    def jobs(status: list[JobStatus] | None = None, origin: Origin | None = None,
-             capability: list[str] | None = None, node: str | None = None,
-             user: str | None = None, worker: str | None = None, parent: str | None = None,
+    def jobs(status: FromQuery[list[JobStatus] | None] = None, origin: FromQuery[Origin | None] = None,
+             capability: FromQuery[list[str] | None] = None, node: FromQuery[str | None] = None,
+             user: FromQuery[str | None] = None, worker: FromQuery[str | None] = None, parent: FromQuery[str | None] = None,
              since: Time = None, until: Time = None, limit: Limit = 50, offset: Offset = 0,
-             order: Order = "desc") -> m.JobPage:
+             order: FromQuery[Order] = "desc") -> m.JobPage:
         """Jobs, newest first, filtered; `total` counts every match (no cap)."""
         now = time.time()
         f = q.JobFilter(status=list(status or []), origin=origin,
@@ -224,7 +224,7 @@ def create_app(ctx: ApiContext, config: ApiConfig | None = None) -> Litestar:
         return q.list_jobs(cur(), f, limit, offset, order)
 
     @get("/jobs/{job_id:str}", sync_to_thread=True, opt={"scope": "read"}, summary="One job")
-    def job(job_id: str, events_limit: Annotated[int, Parameter(ge=0, le=100_000)] = 1000
+    def job(job_id: FromPath[str], events_limit: Annotated[int, QueryParameter(ge=0, le=100_000)] = 1000
             ) -> m.JobDetail:
         """A job with its attempts, events, parameters, code, devices and result or error."""
         try:
@@ -234,7 +234,7 @@ def create_app(ctx: ApiContext, config: ApiConfig | None = None) -> Litestar:
 
     @post("/jobs", status_code=202, opt={"scope": "write", "json_body": True},
           summary="Submit a job")
-    async def submit(data: JobSubmission, request: Request[Any, Any, Any]) -> m.Submitted:
+    async def submit(data: JSONBody[JobSubmission]) -> m.Submitted:
         """Publishes the submission on `jobs.submit` (the bus contract) and returns its id."""
         ctype = data.capability.get("type", "")
         if not is_valid_capability_type(ctype):
@@ -254,7 +254,7 @@ def create_app(ctx: ApiContext, config: ApiConfig | None = None) -> Litestar:
 
     @post("/jobs/{job_id:str}/cancel", status_code=202, opt={"scope": "write"},
           summary="Cancel a job")
-    async def cancel(job_id: str, reason: str | None = None) -> m.CancelAccepted:
+    async def cancel(job_id: FromPath[str], reason: FromQuery[str | None] = None) -> m.CancelAccepted:
         """Asks for the job to stop (published on `jobs.cancel`); 409 when it already ended."""
         if not is_valid_id(job_id):
             raise NotFoundException(f"no job {job_id!r} (ids are letters, digits, _ and -)")
@@ -271,11 +271,11 @@ def create_app(ctx: ApiContext, config: ApiConfig | None = None) -> Litestar:
         return m.CancelAccepted(job_id=job_id, cancel_requested=True, state=state.state)
 
     @get("/nodes", sync_to_thread=True, opt={"scope": "read"}, summary="List nodes")
-    def nodes(status: NodeStatus | None = None) -> m.NodeList:
+    def nodes(status: FromQuery[NodeStatus | None] = None) -> m.NodeList:
         return q.list_nodes(cur(), status)
 
     @get("/nodes/{node:str}", sync_to_thread=True, opt={"scope": "read"}, summary="One node")
-    def node(node: str) -> m.NodeDetail:
+    def node(node: FromPath[str]) -> m.NodeDetail:
         """A node with its devices, latest metrics, running jobs and recent events."""
         try:
             return q.node_detail(cur(), node)
@@ -283,11 +283,11 @@ def create_app(ctx: ApiContext, config: ApiConfig | None = None) -> Litestar:
             raise _not_found(exc) from None
 
     @get("/metrics/gpu", sync_to_thread=True, opt={"scope": "read"}, summary="GPU metrics")
-    def gpu_metrics(node: str | None = None,
-                    gpu: Annotated[int | None, Parameter(ge=0, le=4095)] = None,
-                    job: str | None = None, since: Time = None, until: Time = None,
-                    bucket: Bucket = 60.0, agg: Aggregate = "avg",
-                    fields: list[GpuField] | None = None) -> m.MetricSeries:
+    def gpu_metrics(node: FromQuery[str | None] = None,
+                    gpu: Annotated[int | None, QueryParameter(ge=0, le=4095)] = None,
+                    job: FromQuery[str | None] = None, since: Time = None, until: Time = None,
+                    bucket: Bucket = 60.0, agg: FromQuery[Aggregate] = "avg",
+                    fields: FromQuery[list[GpuField] | None] = None) -> m.MetricSeries:
         """GPU samples bucketed per device; `job` keeps the devices and times its attempts held."""
         t0, t1 = _range(since, until, 3600.0, time.time())
         query = q.MetricQuery(since=t0, until=t1, bucket_s=bucket, agg=agg, node=node, gpu=gpu,
@@ -296,12 +296,12 @@ def create_app(ctx: ApiContext, config: ApiConfig | None = None) -> Litestar:
 
     @get("/metrics/process", sync_to_thread=True, opt={"scope": "read"},
          summary="Process metrics")
-    def process_metrics(node: str | None = None,
-                        pid: Annotated[int | None, Parameter(ge=0, le=2**31)] = None,
-                        job: str | None = None, since: Time = None, until: Time = None,
-                        bucket: Bucket = 60.0, agg: Aggregate = "avg",
-                        source: Literal["host", "gpu"] = "host",
-                        fields: list[ProcessField] | None = None) -> m.MetricSeries:
+    def process_metrics(node: FromQuery[str | None] = None,
+                        pid: Annotated[int | None, QueryParameter(ge=0, le=2**31)] = None,
+                        job: FromQuery[str | None] = None, since: Time = None, until: Time = None,
+                        bucket: Bucket = 60.0, agg: FromQuery[Aggregate] = "avg",
+                        source: FromQuery[Literal["host", "gpu"]] = "host",
+                        fields: FromQuery[list[ProcessField] | None] = None) -> m.MetricSeries:
         """Process samples bucketed per (node, pid): host metrics (`source=host`) or each
         process's share of its GPUs (`source=gpu`)."""
         t0, t1 = _range(since, until, 3600.0, time.time())
@@ -317,9 +317,9 @@ def create_app(ctx: ApiContext, config: ApiConfig | None = None) -> Litestar:
 
     @get("/stats/cluster", sync_to_thread=True, opt={"scope": "read"},
          summary="Cluster statistics")
-    def stats(window: Annotated[float, Parameter(ge=1, le=366 * 86400)] = 3600.0,
+    def stats(window: Annotated[float, QueryParameter(ge=1, le=366 * 86400)] = 3600.0,
               since: Time = None, until: Time = None,
-              idle_threshold: Annotated[float, Parameter(ge=0, le=100)] = 5.0
+              idle_threshold: Annotated[float, QueryParameter(ge=0, le=100)] = 5.0
               ) -> m.ClusterStats:
         """Jobs by state, GPU utilization now and over `window` seconds, GPU-hours by user and
         capability over since..until (default: all time), idle-but-leased GPUs, lost nodes."""
@@ -333,41 +333,41 @@ def create_app(ctx: ApiContext, config: ApiConfig | None = None) -> Litestar:
                                idle_threshold=idle_threshold, now=now)
 
     @get("/workers", sync_to_thread=True, opt={"scope": "read"}, summary="Workers")
-    def workers(all: bool = False) -> m.WorkerList:
+    def workers(all: FromQuery[bool] = False) -> m.WorkerList:
         """Live workers (KV capabilities); `all=true` adds those seen before and gone."""
         return q.list_workers(cur(), None if all else True)
 
     @get("/capabilities", sync_to_thread=True, opt={"scope": "read"}, summary="Capabilities")
-    def capabilities(type: str | None = None) -> m.CapabilityList:
+    def capabilities(type: FromQuery[str | None] = None) -> m.CapabilityList:
         """What live workers serve, with who serves it and their capacity and load."""
         return q.list_capabilities(cur(), type)
 
     @get("/leases", sync_to_thread=True, opt={"scope": "read"}, summary="Device leases")
-    def leases(all: bool = False, node: str | None = None, job: str | None = None,
+    def leases(all: FromQuery[bool] = False, node: FromQuery[str | None] = None, job: FromQuery[str | None] = None,
                limit: Limit = 1000) -> m.LeaseList:
         """Leases held now; `all=true` adds released ones (as seen by polling KV leases)."""
         return q.list_leases(cur(), None if all else True, node, job, limit)
 
     @get("/kernels/results", sync_to_thread=True, opt={"scope": "read"},
          summary="Kernel verify/profile outcomes")
-    def kernel_results(kind: Literal["verify", "profile"] | None = None,
-                       outcome: Outcome | None = None, correct: bool | None = None,
-                       parent: str | None = None, limit: Limit = 50, offset: Offset = 0
+    def kernel_results(kind: FromQuery[Literal["verify", "profile"] | None] = None,
+                       outcome: FromQuery[Outcome | None] = None, correct: FromQuery[bool | None] = None,
+                       parent: FromQuery[str | None] = None, limit: Limit = 50, offset: Offset = 0
                        ) -> m.KernelResultPage:
         return q.kernel_results(cur(), kind=kind, outcome=outcome, correct=correct,
                                 parent=parent, limit=limit, offset=offset)
 
     @get("/kernels/candidates", sync_to_thread=True, opt={"scope": "read"},
          summary="Kernel candidates of evolve and single jobs")
-    def kernel_candidates(evolve_job: str | None = None, correct: bool | None = None,
-                          limit: Limit = 100, source: bool = False) -> m.KernelCandidateList:
+    def kernel_candidates(evolve_job: FromQuery[str | None] = None, correct: FromQuery[bool | None] = None,
+                          limit: Limit = 100, source: FromQuery[bool] = False) -> m.KernelCandidateList:
         """Best first (correct, then speed-up); `source=true` includes each candidate's code."""
         return q.kernel_candidates(cur(), evolve_job=evolve_job, correct=correct, limit=limit,
                                    with_source=source)
 
     @get("/kernels/evolve/{job_id:str}", sync_to_thread=True, opt={"scope": "read"},
          summary="Candidates of one evolve job")
-    def kernel_evolve(job_id: str, source: bool = False) -> m.KernelCandidateList:
+    def kernel_evolve(job_id: FromPath[str], source: FromQuery[bool] = False) -> m.KernelCandidateList:
         c = cur()
         if c.execute("SELECT 1 FROM jobs WHERE job_id = ?", [job_id]).fetchone() is None:
             raise NotFoundException(f"no job {job_id}")

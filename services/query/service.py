@@ -142,7 +142,9 @@ class QueryService:
     async def caught_up(self, timeout: float = 30.0) -> bool:
         """Everything now in the streams (and the KV buckets) is in the projection."""
         await self.poller.poll()
-        return await self.ingest.caught_up(timeout)
+        done = await self.ingest.caught_up(timeout)
+        await self.ingest.flush()  # the snapshot rides with whatever batch is open
+        return done
 
     async def stop(self) -> None:
         if self._server is not None:
