@@ -7,4 +7,6 @@ COMMAND_MODULES = (
     "ops.commands.jobs",
     "ops.commands.fleet",
     "ops.commands.query",
+    "ops.commands.nodes",
+    "ops.commands.simulate",
 )
