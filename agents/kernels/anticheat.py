@@ -6,7 +6,10 @@ bodies are excluded. Flags:
 
 - no_triton_kernel    no @triton.jit kernel, or none launched (`k[grid](...)`) from forward
 - torch_fallback      torch compute in forward: torch.*/F.* calls other than allocation,
-                      `@`, compute tensor methods (.sum, .softmax, ...), calling nn submodules
+                      `@`, compute tensor methods (.sum, .softmax, .numpy, ...), calling nn
+                      submodules; anywhere: an alias of a torch compute function
+                      (`sm = torch.softmax`, `getattr(torch, "softmax")`), torch.ops,
+                      importing numpy, scipy, jax, cupy, numba, operator
 - calls_reference     any use of the reference `Model`, or importing the problem/project
 - try_fallback        try/except in forward's host code
 - streams_or_threads  threading/multiprocessing/concurrent/asyncio, CUDA streams
@@ -14,10 +17,16 @@ bodies are excluded. Flags:
 - output_caching      module-level mutable containers, lru_cache, data_ptr, `global`,
                       state stored on self during forward
 - unsafe_import       os, sys, subprocess, socket, ctypes, importlib, pickle, ...
-- dynamic_code        eval/exec/compile/__import__/open/setattr, frame and globals access
+- dynamic_code        eval/exec/compile/__import__/open/setattr, frame and globals access,
+                      dunder names beyond __init__/__name__, torch's private modules
+                      (torch._C, torch.utils._python_dispatch: how dispatch modes are evaded)
 
-A source that does not parse yields no findings: the child reports it as a
-compile_error, which says more than a flag would.
+These are the first, cheap line; none of them is what the verdict rests on
+(see docs/sandbox.md): a candidate that hides from them still meets the
+trusted evaluator's comparison and clock, and the candidate-side guards.
+
+A source that does not parse, or defines no ModelNew, yields no launch
+findings: running it reports a compile_error, which says more than a flag would.
 """
 
 from __future__ import annotations
@@ -37,7 +46,9 @@ REJECT_FLAGS = frozenset(
         "output_caching",
         "unsafe_import",
         "dynamic_code",
-        "mutates_inputs",  # dynamic only; listed so every reject flag lives here
+        # Dynamic only; listed so every reject flag lives here.
+        "mutates_inputs",
+        "timing_mismatch",
     }
 )
 
@@ -61,6 +72,7 @@ DENY_METHODS = frozenset(
         "argmin", "masked_fill", "softplus", "erf", "square", "reciprocal", "logsumexp",
         "dot", "outer", "lerp", "addcmul", "addcdiv", "mul", "mul_", "div", "div_",
         "leaky_relu", "hardtanh", "elu", "selu", "mish", "tril", "triu",
+        "numpy", "tolist", "__array__",
     }
 )
 NN_PARAM_CLASSES = frozenset({"Parameter", "ParameterList", "ParameterDict", "Buffer"})
@@ -86,6 +98,17 @@ DUNDER_ESCAPES = frozenset(
      "f_globals", "f_locals", "f_back", "gi_frame", "__dict__"}
 )
 PATCHABLE_ROOTS = frozenset({"torch", "triton", "time", "builtins", "math", "numpy"})
+# Host compute outside both torch and Triton.
+FALLBACK_MODULES = frozenset({"numpy", "scipy", "jax", "jaxlib", "cupy", "numba", "tensorflow",
+                              "pandas", "operator", "torchvision", "xformers", "apex"})
+# torch attributes a candidate may name without calling them: dtypes, types, namespaces.
+TORCH_NAMES = frozenset({
+    "Tensor", "nn", "cuda", "device", "dtype", "Size", "float16", "float32", "float64",
+    "bfloat16", "half", "float", "double", "int8", "int16", "int32", "int64", "uint8", "bool",
+    "long", "int", "short", "complex64", "complex128", "nn.Module", "nn.Parameter",
+    "nn.ParameterList", "nn.ParameterDict", "nn.Buffer", "nn.init", "float8_e4m3fn", "float8_e5m2",
+})
+ALLOWED_DUNDERS = frozenset({"__init__", "__name__", "__qualname__", "__doc__"})
 CACHE_DECORATORS = frozenset({"functools.lru_cache", "functools.cache", "functools.cached_property",
                               "lru_cache", "cache", "cached_property"})
 MUTABLE_FACTORIES = frozenset({"dict", "list", "set", "OrderedDict", "defaultdict", "WeakValueDictionary",
@@ -114,6 +137,7 @@ class _Checker:
         self.functions: dict[str, ast.FunctionDef | ast.AsyncFunctionDef] = {}
         self.kernels: dict[str, ast.AST] = {}
         self.model_new: ast.ClassDef | None = None
+        self._inner: set[int] = set()
 
     def add(self, flag: str, node: ast.AST, message: str) -> None:
         self.findings.add(Finding(flag, getattr(node, "lineno", 0), message))
@@ -176,6 +200,10 @@ class _Checker:
             self.add("calls_reference", node, f"imports the reference module {module}")
         elif root in UNSAFE_MODULES:
             self.add("unsafe_import", node, f"imports {module}")
+        elif root in FALLBACK_MODULES:
+            self.add("torch_fallback", node, f"imports {module} (host compute outside Triton)")
+        if root == "torch" and any(part.startswith("_") for part in module.split(".")):
+            self.add("dynamic_code", node, f"imports torch internals ({module})")
 
     def check_module_state(self, node: ast.Assign | ast.AnnAssign) -> None:
         value = node.value
@@ -230,6 +258,8 @@ class _Checker:
         return out
 
     def check_scope(self) -> None:
+        if self.model_new is None:
+            return  # no ModelNew at all: a compile_error when run, which says more
         scope = self.host_scope()
         if not self.kernels:
             self.add("no_triton_kernel", self.model_new or self.tree, "no @triton.jit kernel is defined")
@@ -282,13 +312,20 @@ class _Checker:
                 self.add("torch_fallback", call, f"calls torch.nn submodule self.{f.attr} in forward")
 
     def check_everywhere(self) -> None:
+        called = {id(n.func) for n in ast.walk(self.tree) if isinstance(n, ast.Call)}
         for node in ast.walk(self.tree):
             if isinstance(node, ast.Name) and node.id == "Model":
                 self.add("calls_reference", node, "uses the reference class `Model`")
+            elif isinstance(node, ast.Name) and _is_dunder(node.id) and node.id not in ALLOWED_DUNDERS:
+                self.add("dynamic_code", node, f"uses {node.id}")
             elif isinstance(node, ast.Call):
                 self.check_dynamic(node)
-            elif isinstance(node, ast.Attribute):
+            if isinstance(node, ast.Attribute):
+                self.check_torch_reference(node, called=id(node) in called)
+            if isinstance(node, ast.Attribute):
                 if node.attr in DUNDER_ESCAPES:
+                    self.add("dynamic_code", node, f"accesses .{node.attr}")
+                elif _is_dunder(node.attr) and node.attr not in ALLOWED_DUNDERS:
                     self.add("dynamic_code", node, f"accesses .{node.attr}")
                 elif node.attr == "data_ptr":
                     self.add("output_caching", node, "uses data_ptr (results keyed by address)")
@@ -305,13 +342,41 @@ class _Checker:
                     if (self.dotted(target) or "") in CACHE_DECORATORS:
                         self.add("output_caching", dec, "memoising decorator")
 
+    def check_torch_reference(self, node: ast.Attribute, *, called: bool) -> None:
+        """torch internals anywhere; a torch function named without being called (an alias)."""
+        name = self.dotted(node)
+        if not name or not name.startswith("torch.") or not self.is_module_rooted(node):
+            return
+        short = name.removeprefix("torch.")
+        parts = short.split(".")
+        if any(p.startswith("_") and not _is_dunder(p) for p in parts):
+            self.add("dynamic_code", node, f"reaches into torch internals ({name})")
+        elif parts[0] in ("ops", "library", "overrides", "compile", "jit", "fx", "func", "vmap"):
+            self.add("torch_fallback", node, f"uses {name}")
+        elif (not called and isinstance(node.ctx, ast.Load) and not _torch_name_ok(short)
+              and not self.is_inner_attribute(node)):
+            self.add("torch_fallback", node, f"aliases {name} (torch compute by another name)")
+
+    def is_inner_attribute(self, node: ast.Attribute) -> bool:
+        """Whether `node` is the `value` of a longer attribute chain (checked as the longer one)."""
+        return id(node) in self._inner
+
     def check_dynamic(self, call: ast.Call) -> None:
         f = call.func
         if isinstance(f, ast.Name) and f.id in DYNAMIC_CALLS and f.id not in self.aliases:
             self.add("dynamic_code", call, f"calls {f.id}()")
         elif isinstance(f, ast.Name) and f.id == "getattr" and len(call.args) >= 2:
-            if not isinstance(call.args[1], ast.Constant):
+            attr = call.args[1]
+            if not isinstance(attr, ast.Constant):
                 self.add("dynamic_code", call, "getattr() with a computed attribute name")
+            elif isinstance(attr.value, str):
+                target = self.dotted(call.args[0]) or ""
+                if target.startswith("torch") and self.is_module_rooted(call.args[0]):
+                    full = f"{target}.{attr.value}".removeprefix("torch").lstrip(".")
+                    if not (full in ALLOWED_TORCH_CALLS or _torch_name_ok(full)):
+                        self.add("torch_fallback", call, f"getattr() of torch.{full}")
+                elif attr.value in DENY_METHODS:
+                    self.add("torch_fallback", call, f"getattr() of the compute method .{attr.value}")
 
     def check_patch(self, target: ast.AST) -> None:
         if not isinstance(target, ast.Attribute):
@@ -319,6 +384,22 @@ class _Checker:
         name = self.dotted(target) or ""
         if self.is_module_rooted(target) and name.split(".")[0] in PATCHABLE_ROOTS:
             self.add("timer_tampering", target, f"monkey-patches {name}")
+
+
+def _is_dunder(name: str) -> bool:
+    return len(name) > 4 and name.startswith("__") and name.endswith("__")
+
+
+def _torch_name_ok(short: str) -> bool:
+    """A torch attribute that is a type, dtype or namespace, or an allowed call."""
+    if short in TORCH_NAMES or short in ALLOWED_TORCH_CALLS:
+        return True
+    parts = short.split(".")
+    # torch.nn.<Class> (modules, parameters) and torch.cuda.<allowed> are fine;
+    # torch.nn.functional.<f> is compute.
+    if parts[0] == "nn" and (len(parts) == 1 or parts[1] not in ("functional",)):
+        return True
+    return parts[0] == "cuda" and short in ALLOWED_TORCH_CALLS
 
 
 def _targets(node: ast.AST) -> Iterator[ast.AST]:
@@ -346,6 +427,7 @@ def check_source(source: str) -> list[Finding]:
     except (SyntaxError, ValueError):
         return []
     checker = _Checker(tree)
+    checker._inner = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     checker.collect()
     checker.check_scope()
     checker.check_everywhere()

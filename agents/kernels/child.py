@@ -1,59 +1,55 @@
-"""The evaluation child: `python -m agents.kernels.child <request.json> <result.json>`.
+"""The candidate's process: builds ModelNew and runs it on the inputs it is sent.
 
-Runs inside the sandbox (agents.kernels.sandbox) with the problem and the
-candidate as files in its working directory. It never raises: every failure
-becomes a ChildReport. A process that dies before writing one (segfault,
-os._exit, watchdog kill) is classified by the parent from its exit status.
+    python -I -B -u -c "...; from agents.kernels.child import main; main()" <channel fd>
 
-Exit is always `os._exit`: a candidate may leave non-daemon threads or a broken
-CUDA context behind, and this process is discarded after one evaluation anyway.
+Runs inside the sandbox (agents.kernels.sandbox) as an untrusted process: the
+candidate's code shares it, and can change anything here. Nothing this
+process says is believed on its own word:
+
+- outputs travel as plain bytes and are compared by the trusted evaluator;
+- its timings are checked against the trusted side's clock;
+- its flags (launch counts, op log, threads, tampering: guards.py) can only
+  condemn a candidate, never clear one;
+- it never sees the problem's source, the reference's outputs or the seed of
+  the inputs.
+
+It imports only the standard library, msgspec, torch, triton and its two
+sibling modules (wire, guards): nothing else of the project is in the sandbox.
+Exit is always `os._exit`: a candidate may leave threads or a broken CUDA
+context behind, and the process is discarded after one evaluation anyway.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import importlib.util
 import os
+import socket
 import sys
+import time
 import traceback
 import types
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
-from agents.kernels.protocol import (
-    CANDIDATE_FILE,
-    REFERENCE_FILE,
-    ChildReport,
-    ChildStatus,
-    EvalRequest,
-)
-from schemas.kernels import KernelTimings
+from agents.kernels import wire
 
 if TYPE_CHECKING:
-    import torch
-
-    from agents.kernels.compare import Comparison
     from agents.kernels.guards import Guard
 
+CANDIDATE_FILE = "candidate_kernel.py"
 ERROR_CHARS = 2000
 TRACEBACK_CHARS = 6000
-MAX_MESSAGES = 40
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
 
 
-class _Failure(Exception):
-    """A classified failure: which side failed and the original exception."""
-
-    def __init__(self, status: ChildStatus, exc: BaseException, tb: str) -> None:
+class _CandidateFailed(Exception):
+    def __init__(self, status: str, exc: BaseException) -> None:
         super().__init__(str(exc))
         self.status = status
         self.exc = exc
-        self.tb = tb
+        self.tb = traceback.format_exc()
 
 
 def _is_compile_error(exc: BaseException) -> bool:
@@ -74,13 +70,25 @@ def _is_oom(exc: BaseException) -> bool:
     return any(marker in text for marker in _OOM_MARKERS)
 
 
-def _candidate_failure(exc: BaseException) -> _Failure:
-    status: ChildStatus = "compile_error" if _is_compile_error(exc) else "runtime_error"
-    return _Failure(status, exc, traceback.format_exc())
+@dataclass
+class _State:
+    sock: socket.socket
+    guard: Guard
+    device: Any
+    model: Any = None
+    prev_out: tuple[Any, ...] = ()
+    # Captured before the candidate loads; a swapped clock shows up as a
+    # disagreement with the trusted side's clock anyway.
+    perf_counter: Any = time.perf_counter
+    sync: Any = None
+    event_cls: Any = None
+    l2_buffer: Any = None
 
 
-def _load_module(path: Path, name: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
+def _load_candidate(path: Path) -> types.ModuleType:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("jetfleet_candidate", path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
@@ -88,425 +96,202 @@ def _load_module(path: Path, name: str) -> types.ModuleType:
     return module
 
 
-def _isolate_sys_path(cwd: Path) -> None:
-    # `python -m` puts the cwd first on sys.path; drop it so the candidate cannot
-    # `import reference_problem` and get an unwrapped copy of the reference.
-    here = str(cwd)
-    sys.path[:] = [p for p in sys.path if p not in ("", ".", here)]
-
-
-def _percentile(values: list[float], q: float) -> float:
-    xs = sorted(values)
-    if len(xs) == 1:
-        return xs[0]
-    pos = (len(xs) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-@dataclass
-class _Ctx:
-    req: EvalRequest
-    device: torch.device
-    interpreted: bool
-    guard: Guard
-    ref_mod: types.ModuleType
-    ref_model: Any
-    cand_model: Any
-    messages: list[str] = field(default_factory=list)
-    flags: set[str] = field(default_factory=set)
-    prev_cand_out: list[Any] = field(default_factory=list)
-    # Originals captured before the candidate is loaded: it cannot swap our clock.
-    sync: Any = None
-    event_cls: Any = None
-    perf_counter: Any = None
-    l2_buffer: Any = None
-
-
-def _to_device(ctx: _Ctx, items: list[Any]) -> list[Any]:
+def _build(st: _State, setup: wire.Setup, payload: bytearray) -> None:
     import torch
 
-    return [x.to(ctx.device) if isinstance(x, torch.Tensor) else x for x in items]
-
-
-def _clone(items: list[Any]) -> list[Any]:
-    import torch
-
-    return [x.clone() if isinstance(x, torch.Tensor) else copy.deepcopy(x) for x in items]
-
-
-def _sync(ctx: _Ctx) -> None:
-    if ctx.device.type == "cuda":
-        ctx.sync()
-
-
-def _fresh_inputs(ctx: _Ctx, seed: int) -> list[Any]:
-    import torch
-
-    torch.manual_seed(seed)
+    path = Path.cwd() / CANDIDATE_FILE
+    path.write_text(setup.candidate_source)
     try:
-        return _to_device(ctx, list(ctx.ref_mod.get_inputs()))
+        with st.guard.candidate_call(record_ops=False):
+            module = _load_candidate(path)
+        if not isinstance(getattr(module, "ModelNew", None), type):
+            raise AttributeError("candidate defines no class ModelNew")
     except BaseException as exc:
-        raise _Failure("reference_error", exc, traceback.format_exc()) from exc
-
-
-def _run_reference(ctx: _Ctx, args: list[Any]) -> Any:
-    import torch
-
+        raise _CandidateFailed("compile_error", exc) from exc
+    init = wire.unpack_tree(setup.init_tree, wire.tensors_from_wire(setup.tensors, payload))
     try:
-        with torch.no_grad():
-            out = ctx.ref_model(*args)
-        _sync(ctx)
-        return out
+        with st.guard.candidate_call(record_ops=False):
+            torch.manual_seed(setup.construct_seed)
+            model = module.ModelNew(*init)
     except BaseException as exc:
-        raise _Failure("reference_error", exc, traceback.format_exc()) from exc
-
-
-def _check_caching(ctx: _Ctx, out: Any) -> None:
-    import torch
-
-    from agents.kernels.compare import flatten_outputs
-
-    new = [t for t in flatten_outputs(out) if isinstance(t, torch.Tensor) and t.numel() > 0]
-    # The previous outputs are still referenced, so their memory cannot have been
-    # reused: sharing an object or a data pointer means a cached/reused result.
-    for t in new:
-        for p in ctx.prev_cand_out:
-            if t is p or t.data_ptr() == p.data_ptr():
-                ctx.guard.flag("output_caching", "forward returned the same output storage twice")
-    ctx.prev_cand_out = new
-
-
-def _run_candidate(ctx: _Ctx, args: list[Any], *, record_ops: bool, timed: bool = False) -> tuple[Any, float]:
-    """One guarded candidate forward; returns (output, milliseconds if timed)."""
-    import torch
-
-    ms = 0.0
+        raise _CandidateFailed("compile_error" if _is_compile_error(exc) else "runtime_error", exc) from exc
+    params: list[wire.ParamSpec] = []
     try:
-        with ctx.guard.candidate_call(record_ops) as rec, torch.no_grad():
-            if timed:
-                out, ms = _timed(ctx, ctx.cand_model, args)
-            else:
-                out = ctx.cand_model(*args)
-                _sync(ctx)
-    except _Failure:
-        raise
+        if isinstance(model, torch.nn.Module):
+            for name, t in model.state_dict().items():
+                if type(t) is torch.Tensor and wire.dtype_name(t.dtype) in wire.ITEMSIZE:
+                    params.append(wire.ParamSpec(str(name), wire.dtype_name(t.dtype),
+                                                 [int(d) for d in t.shape]))
     except BaseException as exc:
-        raise _candidate_failure(exc) from exc
-    ctx.guard.judge(rec, check_ops=record_ops)
-    _check_caching(ctx, out)
-    return out, ms
+        raise _CandidateFailed("runtime_error", exc) from exc
+    wire.send_frame(st.sock, wire.Built(params=params))
+    msg, data = wire.recv_to_candidate(st.sock)
+    if not isinstance(msg, wire.Weights):
+        raise wire.ProtocolError(f"expected weights, got {type(msg).__name__}")
+    try:
+        with st.guard.candidate_call(record_ops=False):
+            if msg.names:
+                tensors = wire.tensors_from_wire(msg.tensors, data)
+                model.load_state_dict(dict(zip(msg.names, tensors, strict=True)))
+            if isinstance(model, torch.nn.Module):
+                model = model.to(st.device)
+    except BaseException as exc:
+        raise _CandidateFailed("runtime_error", exc) from exc
+    st.model = model
 
 
-def _timed(ctx: _Ctx, model: Any, args: list[Any]) -> tuple[Any, float]:
-    if ctx.device.type == "cuda":
-        ctx.l2_buffer.zero_()
-        start = ctx.event_cls(enable_timing=True)
-        end = ctx.event_cls(enable_timing=True)
+def _forward(st: _State, args: list[Any], *, timed: bool) -> tuple[Any, float | None]:
+    if not timed:
+        out = st.model(*args)
+        if st.device.type == "cuda":
+            st.sync()
+        return out, None
+    if st.device.type == "cuda":
+        st.l2_buffer.zero_()
+        start, end = st.event_cls(enable_timing=True), st.event_cls(enable_timing=True)
         start.record()
-        out = model(*args)
+        out = st.model(*args)
         end.record()
-        ctx.sync()
+        st.sync()
         return out, float(start.elapsed_time(end))
-    t0 = ctx.perf_counter()
-    out = model(*args)
-    return out, (ctx.perf_counter() - t0) * 1000.0
+    t0 = st.perf_counter()
+    out = st.model(*args)
+    return out, (st.perf_counter() - t0) * 1000.0
 
 
-def _timed_reference(ctx: _Ctx, args: list[Any]) -> tuple[Any, float]:
+def _flatten(out: Any) -> list[Any]:
+    if isinstance(out, tuple | list):
+        flat: list[Any] = []
+        for item in out:
+            flat.extend(_flatten(item))
+        return flat
+    return [out]
+
+
+def _outputs_to_wire(out: Any) -> tuple[list[Any], list[wire.TensorSpec], list[memoryview]]:
     import torch
 
-    try:
-        with torch.no_grad():
-            return _timed(ctx, ctx.ref_model, args)
-    except BaseException as exc:
-        raise _Failure("reference_error", exc, traceback.format_exc()) from exc
-
-
-@dataclass
-class _Errors:
-    max_abs: float = 0.0
-    max_rel: float = 0.0
-    means: list[float] = field(default_factory=list)
-    trials: int = 0
-
-    def add(self, cmp: Comparison) -> None:
-        self.max_abs = max(self.max_abs, cmp.max_abs)
-        self.max_rel = max(self.max_rel, cmp.max_rel)
-        self.means.append(cmp.mean_abs)
-        self.trials += 1
-
-
-def _note(ctx: _Ctx, cmp: Comparison, label: str) -> None:
-    ctx.flags.update(cmp.flags)
-    for msg in cmp.messages:
-        ctx.messages.append(f"{label}: {msg}")
-
-
-def _one_trial(ctx: _Ctx, seed: int, errors: _Errors, label: str) -> bool:
-    from agents.kernels.compare import compare_outputs, inputs_equal
-
-    inputs = _fresh_inputs(ctx, seed)
-    pristine = _clone(inputs)
-    ref_in, cand_in = _clone(inputs), _clone(inputs)
-    # Reference first, on its own clone; its output stays alive while the
-    # candidate runs so the candidate cannot pick it up from freed memory.
-    ref_out = _run_reference(ctx, ref_in)
-    cand_out, _ = _run_candidate(ctx, cand_in, record_ops=True)
-    if not inputs_equal(cand_in, pristine):
-        ctx.guard.flag("mutates_inputs", "candidate modified its input tensors")
-    cmp = compare_outputs(ref_out, cand_out, ctx.req.atol, ctx.req.rtol)
-    errors.add(cmp)
-    _note(ctx, cmp, label)
-    return cmp.matched
-
-
-def _verify(ctx: _Ctx, errors: _Errors) -> bool:
-    for t in range(max(1, ctx.req.trials)):
-        if not _one_trial(ctx, ctx.req.seed + t, errors, f"trial {t}"):
-            return False
-    return True
-
-
-def _profile(ctx: _Ctx, errors: _Errors) -> KernelTimings | None:
-    import torch
-
-    from agents.kernels.compare import compare_outputs
-
-    if not _verify(ctx, errors):
-        return None
-    if ctx.device.type == "cuda":
-        # Writing this buffer before each timed run evicts the L2 cache.
-        ctx.l2_buffer = torch.empty(
-            ctx.req.l2_flush_mb * 1024 * 1024 // 4, dtype=torch.int32, device=ctx.device
-        )
-    warm_in = _fresh_inputs(ctx, ctx.req.seed)
-    for _ in range(ctx.req.warmup):
-        _run_reference(ctx, _clone(warm_in))
-        _run_candidate(ctx, _clone(warm_in), record_ops=False)
-    cand_ms: list[float] = []
-    ref_ms: list[float] = []
-    for i in range(ctx.req.runs):
-        # Fresh inputs per timed run: a result cached by data_ptr goes stale and
-        # the re-check below catches it.
-        inputs = _fresh_inputs(ctx, ctx.req.seed + 100_000 + i)
-        ref_in, cand_in = _clone(inputs), _clone(inputs)
-        if i % 2 == 0:  # alternate order so neither side always runs on a warm cache
-            ref_out, r = _timed_reference(ctx, ref_in)
-            cand_out, c = _run_candidate(ctx, cand_in, record_ops=False, timed=True)
+    leaves: list[Any] = []
+    specs: list[wire.TensorSpec] = []
+    data: list[memoryview] = []
+    for leaf in _flatten(out):
+        # Exactly a tensor: a subclass's methods (detach, cpu, __torch_function__)
+        # are never called.
+        if type(leaf) is torch.Tensor and wire.dtype_name(leaf.dtype) in wire.ITEMSIZE:
+            spec, raw = wire.tensor_to_wire(leaf)
+            leaves.append({"$t": len(specs)})
+            specs.append(spec)
+            data.append(raw)
+        elif leaf is None or type(leaf) in (bool, int, float):
+            leaves.append(leaf if type(leaf) is not float or leaf == leaf else None)
         else:
-            cand_out, c = _run_candidate(ctx, cand_in, record_ops=False, timed=True)
-            ref_out, r = _timed_reference(ctx, ref_in)
-        cand_ms.append(c)
-        ref_ms.append(r)
-        cmp = compare_outputs(ref_out, cand_out, ctx.req.atol, ctx.req.rtol)
-        errors.add(cmp)
-        if not cmp.matched:
-            _note(ctx, cmp, f"timed run {i}")
-            return None
-    c_med, r_med = _percentile(cand_ms, 0.5), _percentile(ref_ms, 0.5)
-    speedup = r_med / c_med if c_med > 0 else None
-    if speedup is not None and speedup > ctx.req.suspicious_speedup:
-        ctx.flags.add("suspicious_speedup")
-        ctx.messages.append(f"speed-up {speedup:.1f}x exceeds {ctx.req.suspicious_speedup:g}x")
-    return KernelTimings(
-        candidate_ms=c_med,
-        reference_ms=r_med,
-        candidate_p10_ms=_percentile(cand_ms, 0.1),
-        candidate_p90_ms=_percentile(cand_ms, 0.9),
-        reference_p10_ms=_percentile(ref_ms, 0.1),
-        reference_p90_ms=_percentile(ref_ms, 0.9),
-        runs=len(cand_ms),
-        warmup=ctx.req.warmup,
-        speedup=speedup,
-        method="cuda_events" if ctx.device.type == "cuda" else "perf_counter",
-        l2_flush=ctx.device.type == "cuda",
-        representative=not ctx.interpreted,
-    )
+            leaves.append({"$bad": type(leaf).__name__})
+    return leaves, specs, data
 
 
-def _error_report(fail: _Failure, base: ChildReport) -> ChildReport:
+def _check_caching(st: _State, out: Any) -> None:
+    import torch
+
+    new = tuple(t for t in _flatten(out) if type(t) is torch.Tensor and t.numel() > 0)
+    # The previous outputs are still referenced, so their memory cannot have been
+    # reused: sharing an object or a data pointer means a cached result.
+    for t in new:
+        for p in st.prev_out:
+            if t is p or t.data_ptr() == p.data_ptr():
+                st.guard.flag("output_caching", "forward returned the same output storage twice")
+    st.prev_out = new
+
+
+def _run(st: _State, msg: wire.Run, payload: bytearray) -> None:
+    import torch
+
+    from agents.kernels.guards import inputs_equal
+
+    inputs = wire.tensors_from_wire(msg.tensors, payload)
+    on_device = [t.to(st.device) for t in inputs]
+    args = wire.unpack_tree(msg.args_tree, on_device)
+    # Timed runs skip the copy so it does not weigh on their clock.
+    pristine = None if msg.timed else [t.clone() for t in inputs]
+    try:
+        with st.guard.candidate_call(record_ops=msg.observe) as rec, torch.no_grad():
+            out, ms = _forward(st, args, timed=msg.timed)
+    except BaseException as exc:
+        raise _CandidateFailed("compile_error" if _is_compile_error(exc) else "runtime_error", exc) from exc
+    st.guard.judge(rec, check_ops=msg.observe)
+    _check_caching(st, out)
+    mutated = pristine is not None and not inputs_equal([t.cpu() for t in on_device], pristine)
+    if mutated:
+        st.guard.flag("mutates_inputs", "candidate modified its input tensors")
+    leaves, specs, data = _outputs_to_wire(out)
+    wire.send_frame(st.sock, wire.Output(run_id=msg.run_id, leaves=leaves, tensors=specs, ms=ms,
+                                         mutated_inputs=mutated), data)
+
+
+def _fail(sock: socket.socket, fail: _CandidateFailed) -> None:
     exc = fail.exc
-    base.status = fail.status
-    base.error = f"{type(exc).__name__}: {exc}"[:ERROR_CHARS]
-    base.traceback = fail.tb[-TRACEBACK_CHARS:]
-    if _is_oom(exc):
-        base.flags = sorted({*base.flags, "out_of_memory"})
-    return base
+    msg = wire.Failed(status="compile_error" if fail.status == "compile_error" else "runtime_error",
+                      error=f"{type(exc).__name__}: {exc}"[:ERROR_CHARS],
+                      traceback=fail.tb[-TRACEBACK_CHARS:], out_of_memory=_is_oom(exc))
+    with contextlib.suppress(OSError):
+        wire.send_frame(sock, msg)
 
 
-def _finish(ctx: _Ctx, report: ChildReport) -> ChildReport:
-    ctx.guard.check_tampering()
-    flags = set(ctx.flags) | set(ctx.guard.findings) | set(report.flags)
-    msgs = list(ctx.messages)
-    for name in sorted(ctx.guard.findings):
-        msgs.extend(f"{name}: {m}" for m in ctx.guard.findings[name])
-    report.flags = sorted(flags)
-    report.messages = msgs[:MAX_MESSAGES]
-    return report
+def _report(st: _State) -> wire.Report:
+    st.guard.check_tampering()
+    messages = [f"{name}: {m}" for name in sorted(st.guard.findings) for m in st.guard.findings[name]]
+    return wire.Report(flags=sorted(st.guard.findings), messages=messages[:40],
+                       launches=st.guard.total_launches)
 
 
-def evaluate_request(req: EvalRequest, cwd: Path) -> ChildReport:
-    """Evaluate the files in `cwd` as `req` says; never raises."""
-    _isolate_sys_path(cwd)
+def serve(sock: socket.socket) -> None:
+    """The candidate side of one evaluation: Setup, Weights, Run..., Finish."""
     warnings.filterwarnings("ignore")
-    interpreted = req.device == "cpu"
-    base_msgs: list[str] = []
+    msg, payload = wire.recv_to_candidate(sock)
+    if not isinstance(msg, wire.Setup):
+        raise wire.ProtocolError(f"expected setup, got {type(msg).__name__}")
     import torch
+    import triton  # noqa: F401
 
-    if not interpreted and not torch.cuda.is_available():
-        # The jit decorator reads TRITON_INTERPRET when the candidate is loaded.
-        os.environ["TRITON_INTERPRET"] = "1"
-        interpreted = True
-        base_msgs.append("CUDA requested but not available: ran under the Triton interpreter")
-    device = torch.device("cpu" if interpreted else "cuda")
-    report = ChildReport(status="ok", interpreted=interpreted, device=_device_name(device))
+    from agents.kernels.guards import Guard
+
+    device = torch.device(msg.device if msg.device == "cpu" or torch.cuda.is_available() else "cpu")
+    guard = Guard(str(Path.cwd() / CANDIDATE_FILE))
+    guard.install()
+    st = _State(sock=sock, guard=guard, device=device, sync=torch.cuda.synchronize,
+                event_cls=getattr(torch.cuda, "Event", None))
+    if device.type == "cuda" and msg.l2_flush_mb:
+        # Writing this buffer before each timed run evicts the L2 cache.
+        st.l2_buffer = torch.empty(msg.l2_flush_mb * 1024 * 1024 // 4, dtype=torch.int32, device=device)
     try:
-        import triton  # noqa: F401
+        _build(st, msg, payload)
+        while True:
+            msg, payload = wire.recv_to_candidate(sock)
+            if isinstance(msg, wire.Run):
+                _run(st, msg, payload)
+            elif isinstance(msg, wire.Finish):
+                wire.send_frame(sock, _report(st))
+                return
+            else:
+                raise wire.ProtocolError(f"unexpected {type(msg).__name__}")
+    except _CandidateFailed as fail:
+        _fail(sock, fail)
 
-        from agents.kernels import compare
-        from agents.kernels.guards import Guard
-    except BaseException as exc:
-        return _error_report(_Failure("runtime_error", exc, traceback.format_exc()), report)
 
-    guard = Guard(str(cwd / CANDIDATE_FILE))
-    guard.install_launch_hooks()
-    guard.install_thread_hooks()
-    guard.install_stream_hooks()
-    if not guard.hooks:
-        base_msgs.append("could not hook Triton launches; launch check skipped")
-
+def main() -> None:
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    code = 0
     try:
-        ref_mod = _load_module(cwd / REFERENCE_FILE, "jetfleet_reference")
-        for name in ("Model", "get_inputs", "get_init_inputs"):
-            if not hasattr(ref_mod, name):
-                raise AttributeError(f"reference problem defines no {name}")
-    except BaseException as exc:
-        return _error_report(_Failure("reference_error", exc, traceback.format_exc()), report)
-    guard.wrap_reference(ref_mod.Model)
-    # torch._dynamo rebinds torch.manual_seed when first imported; import it
-    # before the snapshot so that is not mistaken for tampering.
+        serve(sock)
+    except wire.ChannelClosed:
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+        code = 1
     with contextlib.suppress(Exception):
-        import torch._dynamo
-    guard.snapshot([compare, sys.modules[__name__], msgspec.json, *_triton_classes()])
-
-    ctx = _Ctx(
-        req=req, device=device, interpreted=interpreted, guard=guard, ref_mod=ref_mod,
-        ref_model=None, cand_model=None, messages=base_msgs,
-        sync=torch.cuda.synchronize, event_cls=getattr(torch.cuda, "Event", None),
-        perf_counter=__import__("time").perf_counter,
-    )
-    errors = _Errors()
-    try:
-        try:
-            with guard.candidate_call(record_ops=False):
-                cand_mod = _load_module(cwd / CANDIDATE_FILE, "jetfleet_candidate")
-            if not isinstance(getattr(cand_mod, "ModelNew", None), type):
-                raise AttributeError("candidate defines no class ModelNew")
-        except BaseException as exc:
-            raise _Failure("compile_error", exc, traceback.format_exc()) from exc
-        _build_models(ctx, cand_mod)
-        timings = _profile(ctx, errors) if req.kind == "profile" else None
-        if req.kind == "verify":
-            _verify(ctx, errors)
-        report.timings = timings
-    except _Failure as fail:
-        report = _error_report(fail, report)
-    _fill_errors(report, errors, ctx)
-    return _finish(ctx, report)
-
-
-def _fill_errors(report: ChildReport, errors: _Errors, ctx: _Ctx) -> None:
-    report.trials = errors.trials
-    if errors.trials:
-        report.max_abs_error = errors.max_abs
-        report.max_rel_error = errors.max_rel
-        report.mean_abs_error = sum(errors.means) / len(errors.means)
-    if report.status == "ok":
-        mismatch_flags = {"value_mismatch", "shape_mismatch", "dtype_mismatch", "type_mismatch",
-                          "nonfinite_mismatch", "constant_output"}
-        report.matched = errors.trials > 0 and not (ctx.flags & mismatch_flags)
-
-
-def _build_models(ctx: _Ctx, cand_mod: types.ModuleType) -> None:
-    import torch
-
-    seed = ctx.req.seed
-    try:
-        torch.manual_seed(seed)
-        init = list(ctx.ref_mod.get_init_inputs())
-        torch.manual_seed(seed)
-        ctx.ref_model = ctx.ref_mod.Model(*copy.deepcopy(init)).to(ctx.device)
-    except BaseException as exc:
-        raise _Failure("reference_error", exc, traceback.format_exc()) from exc
-    try:
-        with ctx.guard.candidate_call(record_ops=False):
-            torch.manual_seed(seed)
-            cand = cand_mod.ModelNew(*copy.deepcopy(init))
-            if isinstance(cand, torch.nn.Module):
-                _share_weights(ctx, cand)
-                cand = cand.to(ctx.device)
-            ctx.cand_model = cand
-    except _Failure:
-        raise
-    except BaseException as exc:
-        raise _candidate_failure(exc) from exc
-
-
-def _share_weights(ctx: _Ctx, cand: Any) -> None:
-    """Give the candidate the reference's weights when both declare the same ones.
-
-    Seeding before each constructor already makes identical declarations draw
-    identical values; copying also covers candidates that create them in another order.
-    """
-    ref_sd = ctx.ref_model.state_dict()
-    cand_sd = cand.state_dict()
-    if ref_sd and ref_sd.keys() == cand_sd.keys() and all(
-        ref_sd[k].shape == cand_sd[k].shape for k in ref_sd
-    ):
-        cand.load_state_dict({k: v.detach().cpu() for k, v in ref_sd.items()})
-
-
-def _triton_classes() -> list[object]:
-    out: list[object] = []
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        out.append(InterpretedFunction)
-    except ImportError:
-        pass
-    try:
-        from triton.compiler.compiler import CompiledKernel
-
-        out.append(CompiledKernel)
-    except ImportError:
-        pass
-    return out
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu (triton interpreter)"
-    import torch
-
-    return f"cuda:{torch.cuda.current_device()} {torch.cuda.get_device_name()}"
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) != 2:
-        print("usage: python -m agents.kernels.child <request.json> <result.json>", file=sys.stderr)
-        os._exit(2)
-    req_path, res_path = Path(argv[0]), Path(argv[1])
-    req = msgspec.json.decode(req_path.read_bytes(), type=EvalRequest)
-    report = evaluate_request(req, Path.cwd())
-    tmp = res_path.with_suffix(".tmp")
-    tmp.write_bytes(msgspec.json.encode(report))
-    os.replace(tmp, res_path)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

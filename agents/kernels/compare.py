@@ -1,4 +1,8 @@
-"""Output comparison for kernel verification (child side; imports torch).
+"""Output comparison for kernel verification (trusted side; imports torch).
+
+Runs in the trusted evaluator on tensors it built itself from the bytes the
+candidate's process sent (agents.kernels.wire): plain, dense tensors of a
+declared dtype and shape, whatever the candidate returned.
 
 Tolerance is scale-aware: an element passes when
 
@@ -26,6 +30,13 @@ def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
     if dtype in LOW_PRECISION:
         return 1e-2, 1e-2
     return 1e-4, 1e-4
+
+
+@dataclass(frozen=True)
+class Foreign:
+    """An output leaf that was not exactly a torch.Tensor in the candidate's process."""
+
+    type_name: str
 
 
 @dataclass
@@ -59,7 +70,8 @@ def _compare_tensor(
     ref: torch.Tensor, cand: Any, atol: float | None, rtol: float | None, where: str
 ) -> Comparison:
     if not isinstance(cand, torch.Tensor):
-        return Comparison(False, flags=["type_mismatch"], messages=[f"{where}: expected a tensor, got {type(cand).__name__}"])
+        got = cand.type_name if isinstance(cand, Foreign) else type(cand).__name__
+        return Comparison(False, flags=["type_mismatch"], messages=[f"{where}: expected a tensor, got {got}"])
     if tuple(cand.shape) != tuple(ref.shape):
         return Comparison(
             False,
@@ -74,8 +86,8 @@ def _compare_tensor(
     d_atol, d_rtol = default_tolerances(ref.dtype)
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
-    r = ref.detach().to(device=cand.device, dtype=torch.float64)
-    c = cand.detach().to(dtype=torch.float64)
+    r = ref.detach().to(dtype=torch.float64)
+    c = cand.detach().to(device=ref.device, dtype=torch.float64)
     for name, fn in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
         if not torch.equal(fn(r), fn(c)):
             res.matched = False
@@ -123,7 +135,7 @@ def compare_outputs(ref_out: Any, cand_out: Any, atol: float | None, rtol: float
         where = f"output[{i}]" if len(refs) > 1 else "output"
         if isinstance(r, torch.Tensor):
             part = _compare_tensor(r, c, atol, rtol, where)
-        elif r == c:
+        elif not isinstance(c, torch.Tensor | Foreign) and r == c:
             part = Comparison(True)
         else:
             part = Comparison(False, flags=["value_mismatch"], messages=[f"{where}: {c!r} != {r!r}"])
@@ -135,19 +147,3 @@ def compare_outputs(ref_out: Any, cand_out: Any, atol: float | None, rtol: float
         total.messages.extend(part.messages)
     total.mean_abs = sum(means) / len(means) if means else 0.0
     return total
-
-
-def inputs_equal(a: list[Any], b: list[Any]) -> bool:
-    """Bitwise equality of two input lists (NaN equal to NaN), to detect mutation."""
-    for x, y in zip(a, b, strict=True):
-        if isinstance(x, torch.Tensor):
-            if not isinstance(y, torch.Tensor) or x.shape != y.shape or x.dtype != y.dtype:
-                return False
-            if x.is_floating_point():
-                if not torch.equal(torch.isnan(x), torch.isnan(y)):
-                    return False
-                if not torch.equal(torch.nan_to_num(x, nan=0.0), torch.nan_to_num(y, nan=0.0)):
-                    return False
-            elif not torch.equal(x, y):
-                return False
-    return True

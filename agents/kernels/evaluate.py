@@ -1,66 +1,71 @@
-"""Parent-side kernel evaluation: the API the worker's kernel capabilities call.
+"""Kernel evaluation: the API the worker's kernel capabilities call.
 
 `evaluate()` is synchronous and blocking (the worker runs it in a thread). It
-runs the static checks, then one sandboxed child process, and maps everything
-to exactly one outcome:
+runs the static checks, then hands the evaluation to a trusted evaluator
+process (agents.kernels.trusted, forked from a warm server) that holds the
+problem, runs the candidate in a sandbox, compares, times and decides; see
+docs/sandbox.md. The outcome is whatever that process decided, so
+`KernelOutcome.outcome` is exactly one of:
 
-    what happened                                        outcome         extra flags
-    ---------------------------------------------------  --------------  ------------------
-    wall-clock limit hit (hang, endless loop)            timeout
-    resident-memory watchdog, MemoryError, CUDA/CPU OOM  runtime_error   out_of_memory
-    more processes than allowed (fork bomb)              crashed         too_many_processes
-    died without a result (signal, os._exit, abort)      crashed
-    candidate import / ModelNew missing / Triton         compile_error
-      CompilationError
-    exception in the candidate's constructor/forward     runtime_error
-    reference problem failed (import, init, forward)     runtime_error   reference_error
-    ran, and any reject flag (static or dynamic)         rejected        the reject flags
-    ran, outputs differ (values, shape, dtype, NaN/Inf,  mismatch        value_mismatch, ...
-      constant output)
-    ran, outputs match, no reject flag                   pass
+    timeout, runtime_error, crashed, compile_error, rejected, mismatch, pass
 
-Cancellation (cancel_event set) kills the process group and raises
-KernelEvalCancelled: a cancelled evaluation has no result.
+(precedence and meanings: agents.kernels.trusted). Every result names the
+isolation it ran under (`isolation`: "namespaces", "process", or "none" for a
+candidate rejected by the static checks and not run).
 
-Precedence is top to bottom: what the sandbox saw beats what the child wrote,
-and a rejection beats a mismatch. Flags that never change the outcome:
-suspicious_speedup (profile speed-up > 10x; reported for a human to look at).
+Cancellation (cancel_event set) kills the evaluator and its sandbox and raises
+KernelEvalCancelled: a cancelled evaluation has no result. `OSError` or
+`RuntimeError` (IsolationUnavailable among them) mean the evaluation could not
+be carried out at all: infrastructure, not the candidate.
 """
 
 from __future__ import annotations
 
-import sys
-import tempfile
+import collections
+import contextlib
+import os
+import select
+import signal
+import socket
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import msgspec
-
+from agents.kernels import forkserver, wire
 from agents.kernels.anticheat import REJECT_FLAGS, check_source, flags_of
-from agents.kernels.protocol import (
-    CANDIDATE_FILE,
-    REFERENCE_FILE,
-    REQUEST_FILE,
-    RESULT_FILE,
-    ChildReport,
-    EvalRequest,
-)
-from agents.kernels.sandbox import SandboxLimits, SandboxResult, run_sandboxed
-from schemas.kernels import KernelOutcome, Outcome
+from agents.kernels.isolation import IsolationUnavailable, Mode, available, choose
+from agents.kernels.protocol import Broken, EvalRequest, SandboxUp, Started, Verdict, from_evaluator
+from agents.kernels.sandbox import kill_remains
+from schemas.kernels import KernelOutcome
 
 GPU_RUNS, GPU_WARMUP = 100, 10
 INTERPRETED_RUNS, INTERPRETED_WARMUP = 3, 1
+# Past the evaluation's own limit (which the evaluator enforces), how long the
+# worker waits for a verdict before it kills the evaluator itself.
+BACKSTOP_GRACE_S = 15.0
+POLL_S = 0.1
+# The sandboxes of the latest evaluations in this process, newest last: what an
+# operator or a test needs to check that nothing of them is left.
+recent_sandboxes: collections.deque[SandboxUp] = collections.deque(maxlen=64)
+
+__all__ = ["IsolationUnavailable", "KernelEvalCancelled", "available", "cuda_present", "evaluate", "warm_up"]
 
 
 class KernelEvalCancelled(Exception):
-    """The evaluation was cancelled through its cancel_event; its process group is gone."""
+    """The evaluation was cancelled through its cancel_event; its processes are gone."""
 
 
 def cuda_present() -> bool:
     """Whether this host has an NVIDIA driver, without importing torch or touching CUDA."""
     return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
+
+
+def warm_up() -> None:
+    """Probe the isolation and start the evaluator server (call at worker start)."""
+    available()
+    forkserver.warm()
 
 
 def evaluate(
@@ -79,154 +84,122 @@ def evaluate(
     runs: int | None = None,
     cancel_event: threading.Event | None = None,
     max_procs: int = 32,
-    run_rejected: bool = True,
+    run_rejected: bool = False,
     workdir_root: str | None = None,
+    isolation: Mode = "best",
 ) -> KernelOutcome:
-    """Verify or profile `candidate_source` against `reference_source` in a sandbox.
+    """Verify or profile `candidate_source` against `reference_source`.
 
     devices: GPU indices leased to this evaluation (e.g. ["0"]); empty, or no GPU
     on this host, means CPU tensors under Triton's interpreter.
     run_rejected: still run a candidate the static checks reject, so its errors
     and timings are reported (its outcome stays `rejected`).
+    isolation: "best" (the strongest this host has), "strict" (namespaces or
+    IsolationUnavailable), "process" (no namespaces, e.g. to test that level).
     """
     if kind not in ("verify", "profile"):
         raise ValueError(f"kind must be 'verify' or 'profile', not {kind!r}")
+    if isolation not in ("best", "strict", "process"):
+        raise ValueError(f"isolation must be 'best', 'strict' or 'process', not {isolation!r}")
     findings = check_source(candidate_source)
     static_flags = flags_of(findings)
     static_msgs = [f"static: {f}" for f in findings]
     interpreted = not devices or not cuda_present()
+    level = choose(isolation)
     if set(static_flags) & REJECT_FLAGS and not run_rejected:
         return KernelOutcome(
             kind=kind, outcome="rejected", correct=False, flags=static_flags,
-            messages=static_msgs, interpreted=interpreted, device=_device_label(interpreted),
+            messages=static_msgs, interpreted=interpreted,
+            device="cpu (triton interpreter)" if interpreted else "cuda", isolation="none",
+            error="rejected by static checks: " + ", ".join(sorted(set(static_flags) & REJECT_FLAGS)),
         )
     req = EvalRequest(
-        kind=kind,
-        trials=trials,
-        seed=seed,
-        atol=atol,
-        rtol=rtol,
-        device="cpu" if interpreted else "cuda",
+        kind=kind, reference_source=reference_source, candidate_source=candidate_source,
+        trials=trials, seed=seed, atol=atol, rtol=rtol,
+        device="cpu" if interpreted else "cuda", devices=[] if interpreted else list(devices),
         warmup=warmup if warmup is not None else (INTERPRETED_WARMUP if interpreted else GPU_WARMUP),
         runs=runs if runs is not None else (INTERPRETED_RUNS if interpreted else GPU_RUNS),
+        timeout_s=timeout_s, memory_mb=memory_mb, max_procs=max_procs, isolation=level,
+        static_flags=static_flags, static_messages=static_msgs, workdir_root=workdir_root,
     )
-    limits = SandboxLimits(
-        timeout_s=timeout_s,
-        memory_mb=memory_mb,
-        max_procs=max_procs,
-        # CUDA maps far more address space than it uses: RLIMIT_AS would break it.
-        address_space_limit=interpreted,
-    )
-    with tempfile.TemporaryDirectory(
-        prefix="jetfleet-kernel-", dir=workdir_root, ignore_cleanup_errors=True
-    ) as tmp:
-        workdir = Path(tmp)
-        (workdir / REFERENCE_FILE).write_text(reference_source)
-        (workdir / CANDIDATE_FILE).write_text(candidate_source)
-        (workdir / REQUEST_FILE).write_bytes(msgspec.json.encode(req))
-        result = run_sandboxed(
-            [sys.executable, "-B", "-m", "agents.kernels.child", REQUEST_FILE, RESULT_FILE],
-            workdir=workdir,
-            devices=[] if interpreted else list(devices),
-            interpreted=interpreted,
-            limits=limits,
-            cancel_event=cancel_event,
-        )
-        if result.cancelled:
+    sock = forkserver.connect()
+    try:
+        wire.send_frame(sock, req)
+        return _await_verdict(sock, req, cancel_event)
+    finally:
+        sock.close()
+
+
+class _Evaluator:
+    """What the worker knows of one evaluator process, to kill it and its sandbox."""
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.sandbox: SandboxUp | None = None
+
+    def kill(self) -> bool:
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.pid, signal.SIGKILL)
+        sb = self.sandbox
+        if sb is None:
+            return True
+        return kill_remains(sb.level, sb.pid, outer_ids=sb.outer_ids, marker=sb.marker,
+                            started_wall=sb.started_wall)
+
+
+def _await_verdict(sock: socket.socket, req: EvalRequest,
+                   cancel_event: threading.Event | None) -> KernelOutcome:
+    ev = _Evaluator()
+    deadline = time.monotonic() + req.timeout_s + BACKSTOP_GRACE_S
+    while True:
+        ready, _, _ = select.select([sock], [], [], POLL_S)
+        if ready:
+            try:
+                header, _ = wire.recv_frame(sock, max_payload=0)
+            except (wire.ChannelClosed, wire.ProtocolError, OSError) as exc:
+                ev.kill()
+                raise RuntimeError(f"the trusted kernel evaluator died without a verdict: {exc}") from exc
+            msg = from_evaluator.decode(header)
+            if isinstance(msg, Started):
+                ev.pid = msg.evaluator_pid
+            elif isinstance(msg, SandboxUp):
+                ev.sandbox = msg
+                recent_sandboxes.append(msg)
+            elif isinstance(msg, Verdict):
+                return msg.outcome
+            elif isinstance(msg, Broken):
+                ev.kill()
+                raise RuntimeError(f"kernel evaluator failed: {msg.error}")
+            continue
+        if cancel_event is not None and cancel_event.is_set():
+            _drain(sock, ev)
+            ev.kill()
             raise KernelEvalCancelled("kernel evaluation cancelled")
-        report = _read_report(workdir / RESULT_FILE)
-    return classify(kind, result, report, static_flags, static_msgs, interpreted)
+        if time.monotonic() > deadline:
+            _drain(sock, ev)
+            ev.kill()
+            return KernelOutcome(
+                kind=req.kind, outcome="timeout", correct=False,
+                flags=req.static_flags, messages=[*req.static_messages, "the evaluator did not answer"],
+                error=f"wall-clock limit of {req.timeout_s:g} s exceeded",
+                interpreted=req.device == "cpu", isolation=req.isolation,
+                wall_s=round(req.timeout_s + BACKSTOP_GRACE_S, 3))
 
 
-def _read_report(path: Path) -> ChildReport | None:
+def _drain(sock: socket.socket, ev: _Evaluator) -> None:
+    """Read what the evaluator already said (its sandbox's ids) before killing it."""
+    sock.setblocking(False)
     try:
-        return msgspec.json.decode(path.read_bytes(), type=ChildReport)
-    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-        return None
-
-
-def _device_label(interpreted: bool) -> str:
-    return "cpu (triton interpreter)" if interpreted else "cuda"
-
-
-def _signal_name(sig: int) -> str:
-    import signal
-
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
-
-
-def classify(
-    kind: Literal["verify", "profile"],
-    result: SandboxResult,
-    report: ChildReport | None,
-    static_flags: list[str],
-    static_msgs: list[str],
-    interpreted: bool,
-) -> KernelOutcome:
-    """Map the sandbox's verdict and the child's report to one KernelOutcome."""
-    flags = set(static_flags)
-    messages = list(static_msgs)
-    error: str | None = None
-    outcome: Outcome
-    if report is not None:
-        flags.update(report.flags)
-        messages.extend(report.messages)
-    if result.timed_out:
-        outcome, error = "timeout", f"wall-clock limit exceeded; killed after {result.wall_s:.1f} s"
-    elif result.memory_exceeded:
-        outcome, error = "runtime_error", "memory limit exceeded: " + "; ".join(result.notes)
-        flags.add("out_of_memory")
-    elif result.too_many_processes:
-        outcome, error = "crashed", "process limit exceeded: " + "; ".join(result.notes)
-        flags.add("too_many_processes")
-    elif report is None:
-        outcome = "crashed"
-        if result.signal is not None:
-            error = f"evaluation process killed by {_signal_name(result.signal)}"
-        else:
-            error = f"evaluation process exited with status {result.returncode} and no result"
-    elif report.status == "compile_error":
-        outcome, error = "compile_error", report.error
-    elif report.status == "runtime_error":
-        outcome, error = "runtime_error", report.error
-    elif report.status == "reference_error":
-        outcome, error = "runtime_error", f"reference problem failed: {report.error}"
-        flags.add("reference_error")
-    elif flags & REJECT_FLAGS:
-        outcome = "rejected"
-        error = "rejected by anti-cheat checks: " + ", ".join(sorted(flags & REJECT_FLAGS))
-    elif not report.matched:
-        outcome, error = "mismatch", "candidate output differs from the reference"
-    else:
-        outcome = "pass"
-    return KernelOutcome(
-        kind=kind,
-        outcome=outcome,
-        correct=outcome == "pass",
-        flags=sorted(flags),
-        messages=messages,
-        max_abs_error=_finite(report.max_abs_error) if report else None,
-        mean_abs_error=_finite(report.mean_abs_error) if report else None,
-        max_rel_error=_finite(report.max_rel_error) if report else None,
-        trials=report.trials if report else 0,
-        interpreted=report.interpreted if report else interpreted,
-        device=report.device if report else _device_label(interpreted),
-        timings=report.timings if report else None,
-        error=error,
-        traceback=report.traceback if report else None,
-        stdout_tail=result.stdout_tail,
-        stderr_tail=result.stderr_tail,
-        returncode=result.returncode,
-        signal=result.signal,
-        wall_s=round(result.wall_s, 3),
-    )
-
-
-def _finite(x: float | None) -> float | None:
-    # JSON has no NaN/Inf; an unmeasurable error is reported as absent.
-    if x is None or x != x or x in (float("inf"), float("-inf")):
-        return None
-    return x
+        while True:
+            header, _ = wire.recv_frame(sock, max_payload=0)
+            msg = from_evaluator.decode(header)
+            if isinstance(msg, Started):
+                ev.pid = msg.evaluator_pid
+            elif isinstance(msg, SandboxUp):
+                ev.sandbox = msg
+                recent_sandboxes.append(msg)
+    except (OSError, wire.ChannelClosed, wire.ProtocolError, ValueError):
+        pass
+    finally:
+        sock.setblocking(True)

@@ -1,27 +1,26 @@
-"""Dynamic anti-cheat checks inside the evaluation child (imports torch and triton).
+"""Candidate-side observation: what the candidate's code does while it runs.
 
-These complement the static AST checks: they watch what the candidate actually
-does while its forward runs.
+Runs in the candidate's own process, so all of it is best effort: code that
+shares the process can switch any of it off, and the verdict never depends on
+it being on. Its findings can only condemn a candidate (they become reject
+flags); their absence clears nothing. What is structural (outputs compared by
+the trusted side, timings checked against its clock, the sandbox) lives
+elsewhere; see docs/sandbox.md.
 
-- Triton launches are counted by wrapping the launch entry points on the
-  classes: `JITFunction.run` (compiled path; `kernel[grid](...)` and autotuners
-  end there), `InterpretedFunction.run` (TRITON_INTERPRET=1) and
-  `CompiledKernel.__getitem__` (a kernel compiled ahead with `.warmup()` and
-  launched directly). Checked against triton 3.9; every hook is optional so a
-  triton without one of these classes still works with the others.
-- Torch compute in forward is seen at the dispatcher: a TorchDispatchMode logs
-  every aten op the candidate's host code runs outside a Triton launch; only
-  allocation, view and copy ops are allowed.
-- Reference calls: the reference class's forward and __init__ are wrapped.
-- Threads/streams: Thread.start, _thread.start_new_thread and
-  torch.cuda.stream/set_stream are wrapped and attributed to the candidate by the caller's file.
-- Tampering: identities of callables on time, torch, torch.Tensor, torch.cuda,
-  triton hooks, builtins and our own helpers are snapshotted before the
-  candidate loads and compared after each candidate step.
-
-This is best-effort against accidental or LLM-style cheating. Code running in
-the same process can defeat any in-process check; the sandbox, not these
-checks, is what protects the worker.
+- Triton launches are counted by wrapping the launch entry points:
+  `JITFunction.run` (compiled path), `InterpretedFunction.run`
+  (TRITON_INTERPRET=1) and `CompiledKernel.__getitem__` (a kernel compiled
+  ahead with `.warmup()`), checked against triton 3.9.
+- Torch compute in forward is seen at the dispatcher: a TorchDispatchMode
+  logs every aten op the candidate's host code runs outside a Triton launch;
+  only allocation, view and copy ops are allowed.
+- Hiding from that log (calling the functions that pop or bypass dispatch
+  modes), converting tensors to numpy or Python lists outside a launch,
+  starting threads or switching CUDA streams are flagged when the candidate's
+  own code does it.
+- Tampering: the callables of time, torch, torch.Tensor, torch.cuda, triton's
+  launch classes, builtins and our own helpers are snapshotted before the
+  candidate loads; a replaced or added attribute is flagged.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from __future__ import annotations
 import _thread
 import builtins
 import contextlib
-import json
 import sys
 import threading
 import time
@@ -38,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils import _python_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # aten ops a candidate's host code may run: allocation, views, copies, casts.
@@ -55,6 +54,22 @@ ALLOWED_ATEN_OPS = frozenset(
         "_has_compatible_shallow_copy_type", "is_contiguous",
     }
 )
+# Functions that take the op log off the dispatch path. torch calls some of them
+# internally; only a call made directly from the candidate's file is flagged.
+_EVASIONS: tuple[tuple[Any, str], ...] = (
+    (_python_dispatch, "_disable_current_modes"),
+    (_python_dispatch, "_pop_mode"),
+    (_python_dispatch, "_pop_mode_temporarily"),
+    (torch._C, "_pop_torch_dispatch_stack"),
+    (torch._C, "_unset_dispatch_mode"),
+    (torch._C, "_DisableTorchDispatch"),
+    (torch._C, "_DisablePythonDispatcher"),
+    (torch._C, "_ExcludeDispatchKeyGuard"),
+    (torch._C, "_DisableTorchFunction"),
+    (torch._C, "_DisableTorchFunctionSubclass"),
+)
+# Tensor methods that move data out of torch's dispatcher into host compute.
+_HOST_BRIDGES = ("numpy", "__array__", "tolist")
 
 
 @dataclass
@@ -63,7 +78,6 @@ class CallRecord:
 
     launches: int = 0
     ops: dict[str, int] = field(default_factory=dict)
-    reference_calls: int = 0
 
 
 class _OpRecorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
@@ -89,22 +103,38 @@ class Guard:
         self.in_launch = 0
         self.total_launches = 0
         self.hooks: list[str] = []
-        # flag -> messages; flags raised outside any particular call.
+        # flag -> messages
         self.findings: dict[str, list[str]] = {}
         self._snapshot: dict[str, tuple[object, str, object]] = {}
+        self._keys: dict[int, tuple[str, set[str]]] = {}
         self._threads_before: set[int] = set()
+
+    def install(self, extra: list[object] | None = None) -> None:
+        """Every hook, then the tamper snapshot (which must see the hooks in place)."""
+        self.install_launch_hooks()
+        self.install_thread_hooks()
+        self.install_stream_hooks()
+        self.install_evasion_hooks()
+        self.install_bridge_hooks()
+        # torch._dynamo rebinds torch.manual_seed when first imported; import it
+        # before the snapshot so that is not mistaken for tampering.
+        with contextlib.suppress(Exception):
+            import torch._dynamo  # noqa: F401
+        self.snapshot([sys.modules[__name__], *(extra or [])])
 
     # ---- findings ---------------------------------------------------------
     def flag(self, name: str, message: str) -> None:
         msgs = self.findings.setdefault(name, [])
-        if message not in msgs:
+        if message not in msgs and len(msgs) < 10:
             msgs.append(message)
 
-    def _from_candidate(self) -> bool:
-        frame = sys._getframe(2)
+    def _from_candidate(self, depth: int = 2, *, direct: bool = False) -> bool:
+        frame = sys._getframe(depth)
         while frame is not None:
             if frame.f_code.co_filename == self.candidate_file:
                 return True
+            if direct:
+                return False
             frame = frame.f_back  # type: ignore[assignment]
         return False
 
@@ -191,82 +221,94 @@ class Guard:
     def install_stream_hooks(self) -> None:
         if not torch.cuda.is_available():
             return
-        guard = self
-        cuda = torch.cuda
         # Only the functions that switch streams are wrapped: replacing the Stream
-        # class would break isinstance checks inside torch. Creating a stream
-        # without switching to it is harmless (and the static check flags it).
+        # class would break isinstance checks inside torch.
         for name in ("stream", "set_stream"):
-            orig = getattr(cuda, name, None)
+            self._wrap_attr(torch.cuda, name, "streams_or_threads", f"candidate used torch.cuda.{name}",
+                            direct=False)
+
+    def _wrap_attr(self, owner: Any, name: str, flag: str, message: str, *, direct: bool) -> None:
+        orig = getattr(owner, name, None)
+        if orig is None:
+            return
+        guard = self
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if guard._from_candidate(direct=direct):
+                guard.flag(flag, message)
+            return orig(*args, **kwargs)
+
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(owner, name, wrapper)
+
+    # ---- hiding from the op log, host compute ---------------------------------
+    def install_evasion_hooks(self) -> None:
+        for owner, name in _EVASIONS:
+            self._wrap_attr(owner, name, "torch_fallback",
+                            f"forward turned the op log off ({name})", direct=True)
+
+    def install_bridge_hooks(self) -> None:
+        guard = self
+        for name in _HOST_BRIDGES:
+            orig = getattr(torch.Tensor, name, None)
             if orig is None:
                 continue
 
             def make(orig: Any, name: str) -> Callable[..., Any]:
-                def wrapper(*args: Any, **kwargs: Any) -> Any:
-                    if guard._from_candidate():
-                        guard.flag("streams_or_threads", f"candidate used torch.cuda.{name}")
-                    return orig(*args, **kwargs)
+                def bridge(self_: Any, *args: Any, **kwargs: Any) -> Any:
+                    if guard.current is not None and guard.in_launch == 0:
+                        guard.flag("torch_fallback", f"forward moved a tensor to host code (.{name}())")
+                    return orig(self_, *args, **kwargs)
 
-                return wrapper
+                return bridge
 
-            setattr(cuda, name, make(orig, name))
-
-    # ---- reference ----------------------------------------------------------
-    def wrap_reference(self, model_cls: Any) -> None:
-        guard = self
-        orig_forward = model_cls.forward
-        orig_init = model_cls.__init__
-
-        def forward(self_: Any, *args: Any, **kwargs: Any) -> Any:
-            if guard.current is not None:
-                guard.current.reference_calls += 1
-            return orig_forward(self_, *args, **kwargs)
-
-        def init(self_: Any, *args: Any, **kwargs: Any) -> None:
-            if guard._from_candidate():
-                guard.flag("calls_reference", "candidate constructed the reference Model")
-            orig_init(self_, *args, **kwargs)
-
-        model_cls.forward = forward
-        model_cls.__init__ = init
+            setattr(torch.Tensor, name, make(orig, name))
 
     # ---- tampering ----------------------------------------------------------
     def snapshot(self, extra: list[object]) -> None:
         """Remember the callables a candidate could patch to fake time or results."""
-        owners: list[object] = [time, torch, torch.Tensor, torch.nn.Module, torch.cuda, json, builtins, threading, *extra]
+        owners: list[object] = [time, torch, torch.Tensor, torch.nn.Module, torch.cuda, builtins,
+                                threading, _python_dispatch, torch._C, *extra]
         with contextlib.suppress(AttributeError):
             owners.append(torch.cuda.Event)
         with contextlib.suppress(ImportError):
             from triton.runtime.jit import JITFunction
 
             owners.append(JITFunction)
+        with contextlib.suppress(ImportError):
+            from triton.runtime.interpreter import InterpretedFunction
+
+            owners.append(InterpretedFunction)
         for owner in owners:
             label = getattr(owner, "__name__", type(owner).__name__)
-            for attr, value in list(vars(owner).items()):
+            attrs = vars(owner)
+            self._keys[id(owner)] = (label, set(attrs))
+            for attr, value in list(attrs.items()):
                 if callable(value) and not isinstance(value, type(sys)):
                     self._snapshot[f"{label}.{attr}"] = (owner, attr, value)
 
     def check_tampering(self) -> None:
-        changed = []
-        for key, (owner, attr, value) in self._snapshot.items():
-            now = vars(owner).get(attr, None)
-            if now is not value:
-                changed.append(key)
+        changed = [key for key, (owner, attr, value) in self._snapshot.items()
+                   if vars(owner).get(attr, None) is not value]
+        owners = {id(o): o for o, _a, _v in self._snapshot.values()}
+        for oid, (label, keys) in self._keys.items():
+            owner = owners.get(oid)
+            if owner is not None:
+                changed.extend(f"{label}.{k} (added)" for k in set(vars(owner)) - keys
+                               if callable(vars(owner)[k]))
         if changed:
             self.flag("timer_tampering", "candidate replaced: " + ", ".join(sorted(changed)[:10]))
 
     def check_threads(self) -> None:
-        new = [
-            t for t in threading.enumerate()
-            if (t.ident or 0) not in self._threads_before and t.is_alive()
-        ]
+        new = [t for t in threading.enumerate()
+               if (t.ident or 0) not in self._threads_before and t.is_alive()]
         if new:
             self.flag("streams_or_threads", f"{len(new)} thread(s) alive after the candidate ran")
 
     # ---- guarded calls --------------------------------------------------------
     @contextlib.contextmanager
     def candidate_call(self, record_ops: bool) -> Iterator[CallRecord]:
-        """Guard one candidate step; `record_ops` turns on the aten op log (slow on GPU)."""
+        """Guard one candidate step; `record_ops` turns on the aten op log."""
         rec = CallRecord()
         self.current = rec
         recorder = _OpRecorder(self) if record_ops else contextlib.nullcontext()
@@ -287,6 +329,18 @@ class Guard:
             if bad:
                 ops = ", ".join(f"aten.{k} x{v}" for k, v in sorted(bad.items()))
                 self.flag("torch_fallback", f"forward ran torch compute ops: {ops}")
-        if rec.reference_calls:
-            self.flag("calls_reference", "candidate called the reference Model.forward")
 
+
+def inputs_equal(a: list[Any], b: list[Any]) -> bool:
+    """Bitwise equality of two input lists (NaN equal to NaN), to detect mutation."""
+    for x, y in zip(a, b, strict=True):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if x.is_floating_point():
+            if not torch.equal(torch.isnan(x), torch.isnan(y)):
+                return False
+            if not torch.equal(torch.nan_to_num(x, nan=0.0), torch.nan_to_num(y, nan=0.0)):
+                return False
+        elif not torch.equal(x, y):
+            return False
+    return True

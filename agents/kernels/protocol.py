@@ -1,8 +1,9 @@
-"""The file protocol between the evaluating parent and the sandboxed child.
+"""Messages between `evaluate()` (in the worker) and the trusted evaluator process.
 
-The parent writes an `EvalRequest` as JSON into the sandbox directory, the child
-writes a `ChildReport` back. Both sides import only msgspec here (no torch), so
-the parent stays light.
+Framed as in agents.kernels.wire, without payloads. The worker sends one
+`EvalRequest`; the evaluator answers `Started`, `SandboxUp` (so the worker can
+kill the sandbox itself on cancel), then exactly one `Verdict` or `Broken`.
+Neither side imports torch here.
 """
 
 from __future__ import annotations
@@ -11,45 +12,61 @@ from typing import Literal
 
 import msgspec
 
-from schemas.kernels import KernelTimings
-
-REFERENCE_FILE = "reference_problem.py"
-CANDIDATE_FILE = "candidate_kernel.py"
-REQUEST_FILE = "request.json"
-RESULT_FILE = "result.json"
-
-ChildStatus = Literal["ok", "compile_error", "runtime_error", "reference_error"]
+from agents.kernels.isolation import Level
+from schemas.kernels import KernelOutcome
 
 
 class EvalRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    schema: int = 1
+    schema: int = 2
     kind: Literal["verify", "profile"]
+    reference_source: str
+    candidate_source: str
     trials: int
     seed: int
     atol: float | None
     rtol: float | None
     # "cuda" or "cpu"; "cpu" always means Triton's interpreter.
     device: Literal["cuda", "cpu"]
+    devices: list[str]
     warmup: int
     runs: int
+    timeout_s: float
+    memory_mb: int
+    max_procs: int
+    isolation: Level
+    static_flags: list[str] = msgspec.field(default_factory=list)
+    static_messages: list[str] = msgspec.field(default_factory=list)
+    workdir_root: str | None = None
     l2_flush_mb: int = 256
     # Above this speed-up a profile carries the `suspicious_speedup` flag.
     suspicious_speedup: float = 10.0
 
 
-class ChildReport(msgspec.Struct, kw_only=True):
-    schema: int = 1
-    status: ChildStatus
-    # None when the comparison never happened (compile or runtime error first).
-    matched: bool | None = None
-    flags: list[str] = msgspec.field(default_factory=list)
-    messages: list[str] = msgspec.field(default_factory=list)
-    max_abs_error: float | None = None
-    mean_abs_error: float | None = None
-    max_rel_error: float | None = None
-    trials: int = 0
-    interpreted: bool = True
-    device: str = "cpu"
-    timings: KernelTimings | None = None
-    error: str | None = None
-    traceback: str | None = None
+class Started(msgspec.Struct, tag="started", kw_only=True):
+    evaluator_pid: int
+
+
+class SandboxUp(msgspec.Struct, tag="sandbox", kw_only=True):
+    """Enough for the worker to kill the sandbox if the evaluator itself is killed."""
+
+    level: Level
+    pid: int
+    init_pid: int | None = None
+    outer_ids: list[int] = msgspec.field(default_factory=list)
+    marker: str = ""
+    started_wall: float = 0.0
+
+
+class Verdict(msgspec.Struct, tag="verdict", kw_only=True):
+    outcome: KernelOutcome
+
+
+class Broken(msgspec.Struct, tag="broken", kw_only=True):
+    """The evaluator itself failed (not the candidate): an infrastructure error."""
+
+    error: str
+
+
+FromEvaluator = Started | SandboxUp | Verdict | Broken
+from_evaluator = msgspec.json.Decoder(FromEvaluator)
+request_decoder = msgspec.json.Decoder(EvalRequest)

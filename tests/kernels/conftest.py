@@ -1,20 +1,27 @@
-"""Helpers for the kernel evaluation tests: candidates built from the softmax problem.
+"""Helpers for the kernel evaluation tests: candidates built from the softmax problem,
+and the checks that an evaluation left nothing behind and leaked nothing.
 
-Every evaluation here is real: a sandboxed child process running Triton's
-interpreter on CPU tensors.
+Every evaluation here is real: a trusted evaluator process and a sandboxed
+candidate process running Triton's interpreter on CPU tensors.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import psutil
 import pytest
 
 import agents.kernels.evaluate as evaluate_mod
 from agents.kernels.library import ProblemInfo, load_problem
-from agents.kernels.sandbox import MARKER_ENV, SandboxResult, run_sandboxed
+from agents.kernels.protocol import SandboxUp
+from agents.kernels.sandbox import MARKER_ENV, processes_of_uids
+from schemas.kernels import KernelOutcome
 
 # Small limits keep misbehaving candidates cheap on a 2-core CI box.
 FAST = {"timeout_s": 60.0, "memory_mb": 2048}
@@ -46,29 +53,79 @@ LAUNCH = (
 )
 
 
-def leftovers(result: SandboxResult) -> list[psutil.Process]:
-    """Live processes of one finished sandbox: in its group or carrying its marker."""
+def leftovers(sb: SandboxUp) -> list[psutil.Process]:
+    """Live processes of one finished sandbox."""
+    if sb.level == "namespaces":
+        # Its two outer ids belong to no other process on the host.
+        return processes_of_uids(set(sb.outer_ids))
     left = []
     for proc in psutil.process_iter():
         try:
             if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
                 continue
-            if os.getpgid(proc.pid) == result.pgid or proc.environ().get(MARKER_ENV) == result.marker:
+            if os.getpgid(proc.pid) == sb.pid or proc.environ().get(MARKER_ENV) == sb.marker:
                 left.append(proc)
         except (psutil.Error, OSError):
             continue
     return left
 
 
+class SandboxLog:
+    """The sandboxes evaluate() started since the log was opened."""
+
+    def __init__(self) -> None:
+        self._before = list(evaluate_mod.recent_sandboxes)
+
+    @property
+    def started(self) -> list[SandboxUp]:
+        return [sb for sb in evaluate_mod.recent_sandboxes if sb not in self._before]
+
+
 @pytest.fixture
-def sandboxes(monkeypatch: pytest.MonkeyPatch) -> list[SandboxResult]:
-    """Every SandboxResult that evaluate() produced during the test."""
-    seen: list[SandboxResult] = []
+def sandboxes() -> Iterator[SandboxLog]:
+    """The sandboxes evaluate() started during the test; none may outlive it."""
+    log = SandboxLog()
+    yield log
+    for sb in log.started:
+        assert leftovers(sb) == [], f"processes of sandbox {sb} survived the evaluation"
 
-    def spy(*args: Any, **kwargs: Any) -> SandboxResult:
-        result = run_sandboxed(*args, **kwargs)
-        seen.append(result)
-        return result
 
-    monkeypatch.setattr(evaluate_mod, "run_sandboxed", spy)
-    return seen
+def _host_traces() -> dict[str, set[str]]:
+    shm = Path("/proc/sysvipc/shm")
+    return {
+        "tmp": {p.name for p in Path("/tmp").iterdir() if p.name.startswith("jetfleet-")},
+        "dev_shm": set(os.listdir("/dev/shm")),
+        "sysv_shm": set(shm.read_text().splitlines()[1:]) if shm.exists() else set(),
+    }
+
+
+@pytest.fixture
+def no_host_traces(sandboxes: SandboxLog) -> Iterator[None]:
+    """No file, shared memory or SysV segment of an evaluation is left on the host."""
+    before = _host_traces()
+    yield
+    after = _host_traces()
+    for key, names in after.items():
+        new = names - before[key]
+        assert not new, f"left in {key}: {sorted(new)[:5]}"
+
+
+@pytest.fixture
+def worker_secret(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A secret the worker holds in its environment and in its memory."""
+    value = "jfsecret-" + secrets.token_hex(16)
+    monkeypatch.setenv("JETFLEET_NATS_TOKEN", value)
+    held = bytearray(value.encode()) * 4
+    yield value
+    del held
+
+
+def assert_no_secret(outcome: KernelOutcome, secret: str) -> None:
+    text = msgspec.json.encode(outcome).decode()
+    assert secret not in text
+    assert secret[len("jfsecret-"):] not in text
+
+
+def run(problem: ProblemInfo, candidate: str, kind: str = "verify", **kw: Any) -> KernelOutcome:
+    opts: dict[str, Any] = {"trials": 2, **FAST, **kw}
+    return evaluate_mod.evaluate(kind, problem.reference_source, candidate, **opts)  # type: ignore[arg-type]

@@ -38,3 +38,4 @@ def test_library_candidate_passes_verify(name: str) -> None:
     assert out.outcome == "pass", (out.error, out.messages, out.traceback, out.stderr_tail)
     assert out.correct and out.flags == [] and out.trials == 5
     assert out.interpreted and out.max_abs_error is not None
+    assert out.isolation == "namespaces"

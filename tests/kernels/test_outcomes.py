@@ -7,11 +7,11 @@ import pytest
 from agents.kernels.evaluate import evaluate
 from agents.kernels.library import ProblemInfo, load_problem
 
-from .conftest import FAST, LAUNCH, replace_once, with_forward
+from .conftest import FAST, LAUNCH, replace_once, run, with_forward
 
-
-def run(problem: ProblemInfo, candidate: str, **kw: object) -> object:
-    return evaluate("verify", problem.reference_source, candidate, trials=2, **{**FAST, **kw})  # type: ignore[arg-type]
+# Candidates the static checks reject run only when asked: these tests ask, so
+# the dynamic checks are exercised too.
+RUN = {"run_rejected": True}
 
 
 def test_wrong_values_mismatch(softmax: ProblemInfo) -> None:
@@ -28,7 +28,7 @@ def test_wrong_shape_mismatch(softmax: ProblemInfo) -> None:
 
 
 def test_torch_fallback_rejected(softmax: ProblemInfo) -> None:
-    out = run(softmax, with_forward(softmax, LAUNCH + "        return torch.softmax(x, dim=-1)\n"))
+    out = run(softmax, with_forward(softmax, LAUNCH + "        return torch.softmax(x, dim=-1)\n"), **RUN)
     assert out.outcome == "rejected" and "torch_fallback" in out.flags
     # Both the static and the dynamic (aten dispatch) check saw it.
     assert any(m.startswith("static: torch_fallback") for m in out.messages)
@@ -39,6 +39,7 @@ def test_dynamic_fallback_rejected_when_static_check_is_blind(softmax: ProblemIn
     # `x - ...` arithmetic is invisible to the AST check; the dispatcher sees aten ops.
     body = LAUNCH + "        return out.view(x.shape) + x * 0.0\n"
     out = run(softmax, with_forward(softmax, body))
+    assert out.isolation == "namespaces"
     assert out.outcome == "rejected" and out.flags == ["torch_fallback"]
     assert not any(m.startswith("static:") for m in out.messages)
     assert any("aten.add" in m and "aten.mul" in m for m in out.messages)
@@ -46,8 +47,9 @@ def test_dynamic_fallback_rejected_when_static_check_is_blind(softmax: ProblemIn
 
 def test_no_kernel_defined_rejected(softmax: ProblemInfo) -> None:
     ref = softmax.reference_source.replace("class Model(", "class ModelNew(")
-    out = run(softmax, ref.split("\n\ndef get_inputs")[0] + "\n")
+    out = run(softmax, ref.split("\n\ndef get_inputs")[0] + "\n", **RUN)
     assert out.outcome == "rejected" and "no_triton_kernel" in out.flags
+    assert any(m.startswith("no_triton_kernel: forward returned without") for m in out.messages)
 
 
 def test_kernel_never_launched_rejected(softmax: ProblemInfo) -> None:
@@ -80,7 +82,7 @@ def test_tiny_reference_zeros_still_mismatch() -> None:
 
 def test_input_mutation_rejected(softmax: ProblemInfo) -> None:
     body = LAUNCH + "        x.zero_()\n        return out.view(x.shape)\n"
-    out = run(softmax, with_forward(softmax, body))
+    out = run(softmax, with_forward(softmax, body), **RUN)
     assert out.outcome == "rejected" and "mutates_inputs" in out.flags
 
 
@@ -92,27 +94,30 @@ def test_output_caching_rejected(softmax: ProblemInfo) -> None:
         "            _softmax_kernel[(x2.shape[0],)](x2, self.cached, x2.shape[1], x2.stride(0), BLOCK=BLOCK_SIZE)\n"
         "        return self.cached.view(x.shape)\n"
     )
-    out = run(softmax, with_forward(softmax, body))
+    out = run(softmax, with_forward(softmax, body), **RUN)
     assert out.outcome == "rejected"
     assert "output_caching" in out.flags and "no_triton_kernel" in out.flags
 
 
-def test_reference_call_rejected(softmax: ProblemInfo) -> None:
-    # Finds the live reference instance without naming `Model`: only the
-    # wrapped Model.forward can tell.
+def test_reference_is_not_in_the_candidates_process(softmax: ProblemInfo) -> None:
+    # It used to find the live reference instance with gc; the reference now
+    # lives only in the trusted evaluator, so there is nothing to find.
     header = "import gc\n"
     body = LAUNCH + (
-        "        ref = [o for o in gc.get_objects() if type(o).__name__ == 'Mo' + 'del'][0]\n"
-        "        return ref(x)\n"
+        "        refs = [o for o in gc.get_objects() if type(o).__name__ == 'Mo' + 'del']\n"
+        "        raise RuntimeError(f'found {len(refs)} reference models')\n"
     )
-    out = run(softmax, with_forward(softmax, body, header=header))
-    assert out.outcome == "rejected" and "calls_reference" in out.flags
-    assert any("called the reference Model.forward" in m for m in out.messages)
+    src = with_forward(softmax, body, header=header)
+    out = run(softmax, src, **RUN)
+    assert out.outcome == "runtime_error" and "found 0 reference models" in (out.error or "")
+    # By default the static checks stop it before it runs.
+    quiet = run(softmax, src)
+    assert quiet.outcome == "rejected" and "unsafe_import" in quiet.flags and quiet.isolation == "none"
 
 
 def test_timer_patching_rejected(softmax: ProblemInfo) -> None:
     body = LAUNCH + "        torch.cuda.synchronize = lambda *a: None\n        return out.view(x.shape)\n"
-    out = run(softmax, with_forward(softmax, body))
+    out = run(softmax, with_forward(softmax, body), **RUN)
     assert out.outcome == "rejected" and "timer_tampering" in out.flags
     assert any("candidate replaced" in m for m in out.messages)
 
@@ -120,7 +125,7 @@ def test_timer_patching_rejected(softmax: ProblemInfo) -> None:
 def test_thread_rejected(softmax: ProblemInfo) -> None:
     header = "import threading\n"
     body = LAUNCH + "        threading.Thread(target=lambda: None).start()\n        return out.view(x.shape)\n"
-    out = run(softmax, with_forward(softmax, body, header=header))
+    out = run(softmax, with_forward(softmax, body, header=header), **RUN)
     assert out.outcome == "rejected" and "streams_or_threads" in out.flags
     assert any("candidate started thread" in m for m in out.messages)
 
@@ -149,5 +154,6 @@ def test_broken_reference_reported(softmax: ProblemInfo) -> None:
 @pytest.mark.parametrize("kind", ["verify", "profile"])
 def test_rejected_without_running(softmax: ProblemInfo, kind: str) -> None:
     src = with_forward(softmax, "        return torch.softmax(x, dim=-1)\n")
-    out = evaluate(kind, softmax.reference_source, src, run_rejected=False)  # type: ignore[arg-type]
+    out = evaluate(kind, softmax.reference_source, src)  # type: ignore[arg-type]
     assert out.outcome == "rejected" and out.wall_s == 0.0 and out.trials == 0
+    assert out.isolation == "none" and "torch_fallback" in out.flags

@@ -18,6 +18,9 @@ def test_profile_interpreted(softmax: ProblemInfo) -> None:
     assert t.candidate_p10_ms <= t.candidate_ms <= t.candidate_p90_ms
     assert t.speedup is not None and abs(t.speedup - t.reference_ms / t.candidate_ms) < 1e-9
     assert out.trials == 1 + 3  # one verify trial, then each timed run re-checked
+    # The trusted clock's own figure, around the same runs, bounds the candidate's.
+    assert t.candidate_wall_ms is not None and t.candidate_wall_ms >= t.candidate_ms
+    assert "timing_mismatch" not in out.flags
 
 
 def test_profile_of_wrong_candidate_has_no_timings(softmax: ProblemInfo) -> None:
