@@ -38,6 +38,8 @@ class Settings:
     dead_max_age_s: float = 30 * 24 * 3600.0
     jobs_history: int = 5
     max_payload_bytes: int = 1 << 20
+    # The largest object a put accepts (JETFLEET_MAX_OBJECT_BYTES); bigger ones are refused.
+    max_object_bytes: int = 4 << 30
     replicas: int = 1
 
     @classmethod

@@ -12,6 +12,11 @@ import logging
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import BadRequestError
+from nats.js.object_store import (
+    OBJ_ALL_CHUNKS_PRE_TEMPLATE,
+    OBJ_ALL_META_PRE_TEMPLATE,
+    OBJ_STREAM_TEMPLATE,
+)
 
 from bus.settings import Settings
 
@@ -233,6 +238,21 @@ def kv_configs(s: Settings) -> list[js_api.KeyValueConfig]:
     ]
 
 
+def object_store_config(s: Settings) -> js_api.StreamConfig:
+    """The stream behind object store `objects`: what nats-py's
+    create_object_store declares (so every NATS client reads it), plus
+    per-message TTLs, which objects put with a TTL expire by."""
+    return js_api.StreamConfig(
+        name=OBJ_STREAM_TEMPLATE.format(bucket=OBJECTS),
+        description="kernel packages, inputs, results",
+        subjects=[OBJ_ALL_CHUNKS_PRE_TEMPLATE.format(bucket=OBJECTS),
+                  OBJ_ALL_META_PRE_TEMPLATE.format(bucket=OBJECTS)],
+        max_age=0, max_bytes=-1, max_consumers=0, storage=js_api.StorageType.FILE,
+        num_replicas=s.replicas, discard=js_api.DiscardPolicy.NEW,
+        allow_rollup_hdrs=True, allow_direct=True, allow_msg_ttl=True,
+    )
+
+
 def dispatcher_consumer(s: Settings, cancel: bool = False) -> js_api.ConsumerConfig:
     """Submissions and cancels have their own consumers (filters must not overlap)."""
     return js_api.ConsumerConfig(
@@ -286,11 +306,18 @@ async def apply(js: JetStreamContext, s: Settings) -> None:
             if exc.err_code != 10058:
                 raise
             log.warning("KV bucket %s exists with another configuration; kept as is", kv.bucket)
+    objects = object_store_config(s)
     try:
-        await js.create_object_store(OBJECTS, description="kernel packages, inputs, results")
+        await js.add_stream(objects)
     except BadRequestError as exc:
         if exc.err_code != 10058:
             raise
+        try:
+            await js.update_stream(objects)
+        except BadRequestError as upd:
+            # A store made elsewhere that cannot take this config is kept as it
+            # is; a put with a TTL then fails there with a clear error.
+            log.warning("object store %s kept as is: %s", OBJECTS, upd.description)
     await ensure_consumer(js, JOBS, dispatcher_consumer(s))
     await ensure_consumer(js, JOBS, dispatcher_consumer(s, cancel=True))
 

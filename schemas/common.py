@@ -46,9 +46,14 @@ class ErrorInfo(Struct, kw_only=True):
 
 
 class ObjRef(Struct, kw_only=True):
-    """A large object in the JetStream object store, passed by reference."""
+    """A large object in the JetStream object store, passed by reference.
+
+    `digest` is `SHA-256=<base64url>` (the object store's own format); a reader
+    refuses an object whose digest no longer matches (it was replaced). An
+    object put with a TTL carries `expires_at` (epoch seconds)."""
 
     bucket: str = "objects"
     name: str
     size: int = 0
     digest: str | None = None
+    expires_at: float | None = None

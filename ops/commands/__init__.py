@@ -6,6 +6,8 @@ A new area adds its module here (and nothing else in ops/cli.py changes).
 COMMAND_MODULES = (
     "ops.commands.jobs",
     "ops.commands.fleet",
+    "ops.commands.objects",
+    "ops.commands.resources",
     "ops.commands.query",
     "ops.commands.nodes",
     "ops.commands.simulate",

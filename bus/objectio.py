@@ -1,0 +1,352 @@
+"""An object's chunks on the wire, and what can go wrong with them.
+
+put: chunks are published back to back, each with its own reply inbox, while
+at most `window` of them (and `window_bytes`) wait for their stream ack;
+nats-py's ObjectStore.put waits one round trip per chunk.
+
+get: chunks come in direct-get batches (`next_by_subj`, bounded by `max_bytes`
+so memory stays bounded) and go to the caller as they land, each hashed while
+still in cache; nats-py's ObjectStore.get adds `bytes` chunk by chunk, which
+is quadratic (nats.py #703). Every wait is bounded: a server that stops
+answering is an error, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
+from pathlib import Path
+from typing import IO, Any, TypeAlias, cast
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from schemas.objects import ObjectMeta
+
+DIGEST_PREFIX = "SHA-256="
+
+# What a put accepts: bytes in memory, a file (path or open binary file), or a
+# stream of bytes pieces (async or not), cut here into chunks.
+Source: TypeAlias = (bytes | bytearray | memoryview | os.PathLike[str] | IO[bytes]
+                     | AsyncIterable[bytes] | Iterable[bytes])
+
+
+# ---- errors ------------------------------------------------------------------------------
+
+
+class ObjectError(Exception):
+    """Something is wrong with one object; the message names it. `code` is a
+    stable machine-readable reason, `retryable` says whether trying again may help."""
+
+    code = "object_error"
+    retryable = False
+
+    def __init__(self, what: str, detail: str) -> None:
+        super().__init__(f"object {what}: {detail}")
+        self.what = what
+        self.detail = detail
+
+
+class InvalidRef(ObjectError, ValueError):
+    code = "invalid_ref"
+
+
+class WrongBucket(InvalidRef):
+    code = "wrong_bucket"
+
+
+class ObjectNotFound(ObjectError, LookupError):
+    code = "object_not_found"
+
+
+class ObjectExpired(ObjectNotFound):
+    code = "object_expired"
+
+
+class ObjectChanged(ObjectError):
+    """The name now holds other content than the ref was made for."""
+
+    code = "object_changed"
+
+
+class ObjectCorrupt(ObjectError):
+    code = "object_corrupt"
+
+
+class ObjectTruncated(ObjectCorrupt):
+    code = "object_truncated"
+
+
+class ObjectTooLarge(ObjectError, ValueError):
+    code = "object_too_large"
+
+
+class ObjectStoreUnavailable(ObjectError):
+    """The server did not answer in time or refused the operation."""
+
+    code = "object_store_unavailable"
+    retryable = True
+
+
+# ---- digests -------------------------------------------------------------------------------
+
+
+def digest_text(h: Any) -> str:
+    """`SHA-256=<base64url>`, the object store's digest format (nats.go, nats-py)."""
+    return DIGEST_PREFIX + base64.urlsafe_b64encode(h.digest()).decode()
+
+
+def digest_bytes(text: str) -> bytes | None:
+    """The raw SHA-256 of a digest text, None if it is not one."""
+    if text[:len(DIGEST_PREFIX)].upper() != DIGEST_PREFIX:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(text[len(DIGEST_PREFIX):])
+    except (ValueError, TypeError):
+        return None
+    return raw if len(raw) == 32 else None
+
+
+# ---- put -------------------------------------------------------------------------------------
+
+
+class AckWindow:
+    """Chunks published and not yet acked by the stream: at most `msgs` and
+    `nbytes` of them; the first failed ack is kept and raised at the next step."""
+
+    def __init__(self, what: str, msgs: int, nbytes: int, stall_s: float) -> None:
+        self.what = what
+        self.msgs = msgs
+        self.nbytes = nbytes
+        self.stall_s = stall_s
+        self.inflight: dict[str, int] = {}
+        self.bytes = 0
+        self.error: ObjectError | None = None
+        self.changed = asyncio.Event()
+
+    async def on_ack(self, msg: Msg) -> None:
+        token = msg.subject.rsplit(".", 1)[-1]
+        size = self.inflight.pop(token, None)
+        if size is None:
+            return
+        self.bytes -= size
+        self.changed.set()
+        if self.error is not None:
+            return
+        status = (msg.headers or {}).get("Status")
+        if status == "503":
+            self.error = ObjectStoreUnavailable(
+                self.what, "no stream takes its chunks (is the topology applied?)")
+            return
+        try:
+            ack = msgspec.json.decode(msg.data)
+        except msgspec.DecodeError:
+            self.error = ObjectStoreUnavailable(self.what, f"unreadable publish ack {msg.data[:80]!r}")
+            return
+        if isinstance(ack, dict) and "error" in ack:
+            err = ack["error"] or {}
+            self.error = ObjectStoreUnavailable(
+                self.what, f"the server refused a chunk: {err.get('description', err)}")
+
+    async def _wait(self, done: Any) -> None:
+        while not done():
+            if self.error is not None:
+                raise self.error
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), self.stall_s)
+            except TimeoutError:
+                raise ObjectStoreUnavailable(
+                    self.what, f"no publish ack from the server for {self.stall_s:g}s") from None
+        if self.error is not None:
+            raise self.error
+
+    async def reserve(self, token: str, size: int) -> None:
+        await self._wait(lambda: not self.inflight or (
+            len(self.inflight) < self.msgs and self.bytes + size <= self.nbytes))
+        self.inflight[token] = size
+        self.bytes += size
+
+    async def drain(self) -> None:
+        await self._wait(lambda: not self.inflight)
+
+
+async def publish_chunks(nc: NATS, subject: str, chunks: AsyncIterator[bytes | memoryview], *,
+                         what: str, limit: int, headers: dict[str, str] | None,
+                         window: int, window_bytes: int, stall_s: float
+                         ) -> tuple[int, int, str, float | None]:
+    """Publish every chunk on `subject`, pipelined; returns (size, chunks,
+    digest, loop time of the first publish). Raises ObjectTooLarge past `limit`."""
+    acks = AckWindow(what, window, window_bytes, stall_s)
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(f"{inbox}.*", cb=acks.on_ack)
+    h = hashlib.sha256()
+    size = count = 0
+    first: float | None = None
+    try:
+        async for chunk in chunks:
+            n = len(chunk)
+            if n == 0:
+                continue
+            if size + n > limit:
+                raise ObjectTooLarge(what, f"more than the limit of {limit} bytes "
+                                           "(JETFLEET_MAX_OBJECT_BYTES)")
+            token = str(count)
+            await acks.reserve(token, n)
+            h.update(chunk)
+            if first is None:
+                first = asyncio.get_running_loop().time()
+            # A memoryview slice is sent as is (nats-py copies it into the PUB).
+            await nc.publish(subject, cast(bytes, chunk), reply=f"{inbox}.{token}",
+                             headers=headers)
+            size += n
+            count += 1
+        await acks.drain()
+    except nats.errors.Error as exc:
+        raise ObjectStoreUnavailable(what, f"publishing chunks failed: {exc!r}") from exc
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return size, count, digest_text(h), first
+
+
+async def chunks_of(data: Source, chunk_size: int) -> AsyncIterator[bytes | memoryview]:
+    """Any put source as pieces of `chunk_size` (the last one shorter); bytes
+    in memory are sliced without a copy, files are read off the event loop."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        view = memoryview(data).cast("B")
+        for off in range(0, len(view), chunk_size):
+            yield view[off:off + chunk_size]
+        return
+    if isinstance(data, os.PathLike):
+        f: IO[bytes] = await asyncio.to_thread(open, Path(data), "rb")
+        try:
+            async for piece in _read_file(f, chunk_size):
+                yield piece
+        finally:
+            f.close()
+        return
+    if hasattr(data, "read"):
+        async for piece in _read_file(data, chunk_size):  # type: ignore[arg-type]
+            yield piece
+        return
+    if isinstance(data, str):
+        raise TypeError("an object is bytes: pass str.encode(), or a pathlib.Path for a file")
+    buf = bytearray()
+    async for piece in _pieces(data):
+        if isinstance(piece, str):
+            raise TypeError("a stream of an object yields bytes, not str")
+        buf += piece
+        while len(buf) >= chunk_size:
+            yield bytes(buf[:chunk_size])
+            del buf[:chunk_size]
+    if buf:
+        yield bytes(buf)
+
+
+async def _read_file(f: IO[bytes], chunk_size: int) -> AsyncIterator[bytes]:
+    # The next read runs in a thread while the caller publishes this one.
+    loop = asyncio.get_running_loop()
+    pending = loop.run_in_executor(None, f.read, chunk_size)
+    while True:
+        piece = await pending
+        if not piece:
+            return
+        pending = loop.run_in_executor(None, f.read, chunk_size)
+        yield piece
+
+
+async def _pieces(data: AsyncIterable[bytes] | Iterable[bytes]) -> AsyncIterator[bytes]:
+    if isinstance(data, AsyncIterable):
+        async for piece in data:
+            yield piece
+    elif isinstance(data, Iterable):
+        for piece in data:
+            yield piece
+    else:
+        raise TypeError(f"cannot put a {type(data).__name__}: give bytes, a pathlib.Path, "
+                        "a binary file or an (async) iterable of bytes")
+
+
+# ---- get -------------------------------------------------------------------------------------
+
+
+async def read_chunks(nc: NATS, direct_subject: str, subject: str, meta: ObjectMeta, *,
+                      what: str, batch_bytes: int, stall_s: float, settle_s: float
+                      ) -> AsyncGenerator[bytes, None]:
+    """The object's chunks in order, from direct-get batches of at most
+    `batch_bytes`. After the last chunk the size and digest are checked; a
+    mismatch raises ObjectCorrupt, missing chunks ObjectTruncated (after up to
+    `settle_s` of retries, for a replica that lags the leader)."""
+    want = digest_bytes(meta.digest)
+    if want is None:
+        raise ObjectCorrupt(what, f"its meta record has no valid digest ({meta.digest!r})")
+    h = hashlib.sha256()
+    got = chunks = 0
+    if meta.size > 0:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, pending_bytes_limit=4 * batch_bytes + (64 << 20))
+        loop = asyncio.get_running_loop()
+        seq = 1
+        settle_until: float | None = None
+        try:
+            while got < meta.size:
+                remaining = max(1, meta.chunks - chunks) if meta.chunks else 1024
+                req = {"seq": seq, "next_by_subj": subject, "batch": remaining,
+                       "max_bytes": batch_bytes}
+                await nc.publish(direct_subject, msgspec.json.encode(req), reply=inbox)
+                before = got
+                while True:
+                    msg = await _next(sub, what, stall_s)
+                    hdrs = msg.headers or {}
+                    status = hdrs.get("Status")
+                    if status:
+                        if status not in ("204", "404"):
+                            raise ObjectStoreUnavailable(
+                                what, f"the server answered {status} "
+                                      f"{hdrs.get('Description', '')}".rstrip())
+                        break
+                    seq = int(hdrs.get("Nats-Sequence", seq)) + 1
+                    got += len(msg.data)
+                    chunks += 1
+                    if got > meta.size:
+                        raise ObjectCorrupt(what, f"its chunks hold more than its size of "
+                                                  f"{meta.size} bytes")
+                    h.update(msg.data)
+                    yield msg.data
+                    if got == meta.size:
+                        break
+                if got == meta.size or got > before:
+                    settle_until = None
+                    continue
+                # A batch that brought nothing: the chunks are gone, or a replica lags.
+                now = loop.time()
+                if settle_until is None:
+                    settle_until = now + settle_s
+                if now >= settle_until:
+                    raise ObjectTruncated(what, f"only {chunks} of {meta.chunks} chunks "
+                                                f"({got} of {meta.size} bytes) are on the server")
+                await asyncio.sleep(min(0.1, settle_s))
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+    if h.digest() != want:
+        raise ObjectCorrupt(what, f"digest mismatch: read {digest_text(h)}, "
+                                  f"its meta says {meta.digest}")
+
+
+async def _next(sub: Any, what: str, stall_s: float) -> Msg:
+    try:
+        msg: Msg = await sub.next_msg(timeout=stall_s)
+    except nats.errors.TimeoutError:
+        raise ObjectStoreUnavailable(
+            what, f"no data from the server for {stall_s:g}s") from None
+    except nats.errors.Error as exc:
+        raise ObjectStoreUnavailable(what, f"reading chunks failed: {exc!r}") from exc
+    return msg
