@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import time
@@ -40,6 +41,7 @@ from schemas.resources import RESOURCE_NAME_PATTERN, ResourceKind, ResourceVersi
 __all__ = ["InvalidResource", "Resource", "ResourceConflict", "ResourceError",
            "ResourceNotFound", "ResourceStore", "ResourceVersion", "ResourceVersionGone"]
 
+log = logging.getLogger(__name__)
 _NAME_RE = re.compile(RESOURCE_NAME_PATTERN)
 _UNSET: Any = object()
 
@@ -313,16 +315,30 @@ class ResourceStore:
                 last = latest[0].version if latest else 0
             last = last or 0
             while True:
-                for record in await self._newer(kv, name, last):
+                for record in await self._newer_or_none(kv, name, last):
+                    try:
+                        value = await self._load(record)
+                    except ResourceUnavailable:
+                        break  # the store is away for now: this version again next time
                     last = record.version
                     self._note(name, record.version)
-                    yield Resource(name=name, version=record.version,
-                                   value=await self._load(record), record=record)
+                    yield Resource(name=name, version=record.version, value=value,
+                                   record=record)
                 with contextlib.suppress(nats.errors.TimeoutError):
                     await doorbell.next_msg(timeout=self.poll_s)
         finally:
             with contextlib.suppress(Exception):
                 await doorbell.unsubscribe()
+
+    async def _newer_or_none(self, kv: KeyValue, name: str,
+                             last: int) -> list[ResourceVersion]:
+        """Versions after `last`; none while the server is away (a watch outlives
+        a server restart and catches up after it)."""
+        try:
+            return await self._newer(kv, name, last)
+        except ResourceUnavailable as exc:
+            log.info("watching resource %s: %s; retrying", name, exc)
+            return []
 
     async def _newer(self, kv: KeyValue, name: str, last: int) -> list[ResourceVersion]:
         latest = await self._latest_entry(kv, name)
