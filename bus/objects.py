@@ -25,10 +25,10 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
@@ -76,6 +76,8 @@ NAME_RE = re.compile(r"^[-/_=.a-zA-Z0-9]{1,1024}$")
 # Chunks of an object with a TTL live this much longer than its meta record,
 # so a reader never finds the record but not its chunks.
 CHUNK_TTL_GRACE_S = 120
+
+T = TypeVar("T")
 
 
 def as_ref(ref: ObjRef | dict[str, Any] | str, bucket: str = topology.OBJECTS) -> ObjRef:
@@ -274,11 +276,43 @@ class ObjectStore:
         """The whole object in one buffer allocated once (a bytearray: no second
         copy to make it bytes), its digest checked."""
         r = self._ref(ref)
-        meta = await self._resolve(r)
+        return await self._reading(r, self._into_buffer)
+
+    async def get_to(self, ref: ObjRef | dict[str, Any] | str,
+                     path: str | os.PathLike[str]) -> ObjRef:
+        """Write the object to `path` (through a temporary file beside it, renamed
+        once the digest checks out: a failed get leaves no file behind)."""
+        r = self._ref(ref)
+        target = Path(path)
+        if not target.parent.is_dir():
+            raise FileNotFoundError(f"{target.parent} is not a directory")
+
+        async def to_file(meta: ObjectMeta, what: str) -> ObjRef:
+            await self._into_file(meta, what, target)
+            return meta.ref()
+
+        return await self._reading(r, to_file)
+
+    async def _reading(self, r: ObjRef, read: Callable[[ObjectMeta, str], Awaitable[T]]) -> T:
+        """read(meta) of the object; once more if it was replaced while being
+        read (its old chunks purged under the reader), as long as the ref still
+        takes the new content."""
+        what = _what(r)
+        for _ in range(3):
+            meta = await self._resolve(r)
+            try:
+                return await read(meta, what)
+            except ObjectTruncated:
+                now = await self._meta_or_none(r.name, what)
+                if now is None or now.nuid == meta.nuid:
+                    raise
+        raise ObjectStoreUnavailable(what, "replaced again and again while being read")
+
+    async def _into_buffer(self, meta: ObjectMeta, what: str) -> bytearray:
         out = bytearray(meta.size)
         view = memoryview(out)
         pos = 0
-        chunks = self._chunks(meta, _what(r))
+        chunks = self._chunks(meta, what)
         try:
             async for chunk in chunks:
                 view[pos:pos + len(chunk)] = chunk
@@ -288,19 +322,11 @@ class ObjectStore:
             view.release()
         return out
 
-    async def get_to(self, ref: ObjRef | dict[str, Any] | str,
-                     path: str | os.PathLike[str]) -> ObjRef:
-        """Write the object to `path` (through a temporary file beside it, renamed
-        once the digest checks out: a failed get leaves no file behind)."""
-        r = self._ref(ref)
-        meta = await self._resolve(r)
-        target = Path(path)
-        if not target.parent.is_dir():
-            raise FileNotFoundError(f"{target.parent} is not a directory")
+    async def _into_file(self, meta: ObjectMeta, what: str, target: Path) -> None:
         part = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
         loop = asyncio.get_running_loop()
         f = await asyncio.to_thread(open, part, "wb")
-        chunks = self._chunks(meta, _what(r))
+        chunks = self._chunks(meta, what)
         writing: asyncio.Future[int] | None = None
         try:
             # One write in a thread while the next chunk arrives.
@@ -322,7 +348,6 @@ class ObjectStore:
             raise
         finally:
             await chunks.aclose()
-        return meta.ref()
 
     def open(self, ref: ObjRef | dict[str, Any] | str) -> ObjectReader:
         """A streaming reader: `async with store.open(ref) as r: async for chunk

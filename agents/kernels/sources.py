@@ -35,42 +35,43 @@ class Problem:
 
 
 async def fetch_ref(bus: Any, ref: dict[str, Any] | None, what: str) -> str:
-    """The text of an object-store reference {"bucket", "name"}."""
+    """The text of an object-store reference (an ObjRef's JSON: {"bucket", "name",
+    ...}), its digest checked. A bad reference fails the payload; a store that
+    does not answer is retryable."""
     if not isinstance(ref, dict) or not isinstance(ref.get("name"), str) or not ref["name"]:
         raise SourceError("invalid_payload", f"{what}: expected {{'bucket': ..., 'name': ...}}")
-    from bus import topology
+    from bus.objects import ObjectError, ObjectStore
 
-    bucket = ref.get("bucket") or topology.OBJECTS
     try:
-        from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
-
-        store = await bus.objects() if bucket == topology.OBJECTS else await bus.js.object_store(bucket)
-        got = await store.get(ref["name"])
-    except (ObjectNotFoundError, NotFoundError, BucketNotFoundError) as exc:
-        raise SourceError("invalid_payload",
-                          f"{what}: object {bucket}/{ref['name']} not found ({type(exc).__name__})") from exc
-    except Exception as exc:  # the store is away: infrastructure, retry
-        raise SourceError("object_store_error", f"{what}: {type(exc).__name__}: {exc}",
-                          retryable=True) from exc
-    data = got.data
-    if data is None:
-        raise SourceError("invalid_payload", f"{what}: object {bucket}/{ref['name']} is empty")
+        data = await ObjectStore(bus).get(ref)
+    except ObjectError as exc:
+        code = "object_store_error" if exc.retryable else "invalid_payload"
+        raise SourceError(code, f"{what}: {exc}", retryable=exc.retryable) from exc
     try:
-        return data.decode() if isinstance(data, bytes | bytearray) else str(data)
+        return data.decode()
     except UnicodeDecodeError as exc:
         raise SourceError("invalid_payload", f"{what}: object is not UTF-8 text") from exc
 
 
 async def put_source(bus: Any, source: str, prefix: str = "kernel-src") -> dict[str, Any]:
-    """Store a source in the object store under its content hash; returns its reference."""
-    from bus import topology
+    """Store a source in the object store under its content hash; returns its
+    reference (an ObjRef as JSON)."""
+    from bus import codec
+    from bus.objectio import digest_text
+    from bus.objects import ObjectError, ObjectStore
 
-    digest = hashlib.sha256(source.encode()).hexdigest()
-    name = f"{prefix}/{digest[:32]}"
-    store = await bus.objects()
-    await store.put(name, source.encode())
-    return {"bucket": topology.OBJECTS, "name": name, "size": len(source.encode()),
-            "digest": f"sha256:{digest}"}
+    body = source.encode()
+    h = hashlib.sha256(body)
+    name = f"{prefix}/{h.hexdigest()[:32]}"
+    store = ObjectStore(bus)
+    try:
+        # Content-addressed: stored once, not rewritten under a reader.
+        ref = (await store.info({"name": name, "digest": digest_text(h)})).ref()
+    except ObjectError:
+        ref = await store.put(body, name=name)
+    out: dict[str, Any] = codec.to_builtins(ref)
+    out.setdefault("bucket", ref.bucket)
+    return out
 
 
 async def resolve_problem(bus: Any, p: Any) -> Problem:
