@@ -153,7 +153,8 @@ def _place(out: Captured, which: str, text: str, node: str, limits: CaptureLimit
     from bus import topology
 
     info = out.info
-    data = text.encode()
+    # Redaction can lengthen the text a little: the cap holds for what is stored.
+    data = text.encode()[:limits.object_bytes]
     if len(data) <= limits.inline_bytes:
         if which == "code":
             info.code = text
