@@ -13,6 +13,8 @@ BENCHES: dict[str, str] = {
     "dispatch": "ops.bench_dispatch",
     "leases": "ops.bench_leases",
     "kernels": "ops.bench_kernels",
+    "query": "ops.bench_query",
+    "objects": "ops.bench_objects",
 }
 
 

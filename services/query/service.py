@@ -103,7 +103,11 @@ class QueryService:
                          batches=lambda: self.ingest.stats.batches,
                          max_payload_bytes=self.bus.settings.max_payload_bytes)
         app = create_app(ctx, self.config.api)
-        sock = socket.socket(socket.AF_INET6 if ":" in self.config.host else socket.AF_INET)
+        # IPPROTO_TCP spelled out: asyncio turns on TCP_NODELAY for accepted sockets only
+        # when the listening socket says so, and without it every keep-alive request
+        # waits out a delayed ACK (about 40 ms).
+        sock = socket.socket(socket.AF_INET6 if ":" in self.config.host else socket.AF_INET,
+                             socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.config.host, self.config.port))
