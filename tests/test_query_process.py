@@ -167,3 +167,58 @@ async def _over(applied, n: int) -> bool:
         return await applied() > n
     except httpx.HTTPError:
         return False
+
+
+def test_up_with_api_port_starts_the_query_api_the_cli_finds(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JETFLEET_API_TOKEN": "up-token"}
+    up = subprocess.Popen(
+        [sys.executable, "-m", "ops.cli", "up", "--data-dir", str(tmp_path / "fleet"),
+         "--api-port", "0", "--api-token", "up-token"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        line = ""
+        deadline = time.monotonic() + 30
+        while "nats at" not in line and time.monotonic() < deadline:
+            line = up.stdout.readline() if up.stdout else ""
+        assert "nats at" in line, line
+        nats_url = line.split("nats at ")[1].split(",")[0]
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "ops.cli", "--nats", nats_url, *args],
+                                  env=env, capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+        found = cli("query", "url")
+        while found.returncode != 0 and time.monotonic() < deadline + 30:
+            time.sleep(0.3)
+            found = cli("query", "url")
+        assert found.returncode == 0, found.stderr
+        api_url = found.stdout.strip()
+        assert api_url.startswith("http://127.0.0.1:")
+        submitted = cli("submit", "echo", "--payload", '{"via": "up"}', "--wait",
+                        "--wait-timeout", "60")
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        deadline = time.monotonic() + 30
+        items: list[dict[str, object]] = []
+        while time.monotonic() < deadline:
+            got = cli("query", "get", "/api/v1/jobs", "status=succeeded")
+            assert got.returncode == 0, got.stderr
+            import json
+
+            items = json.loads(got.stdout)["items"]
+            if items:
+                break
+            time.sleep(0.3)
+        assert [i["capability_type"] for i in items] == ["echo"]
+        r = httpx.get(f"{api_url}/api/v1/jobs")
+        assert r.status_code == 401  # the token up was given guards it
+        assert (tmp_path / "fleet" / "query.duckdb").exists()
+    finally:
+        up.send_signal(signal.SIGINT)
+        rest, _ = up.communicate(timeout=90)
+    assert up.returncode == 0 and "jetfleet stopped" in rest
