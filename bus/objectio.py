@@ -199,12 +199,13 @@ async def publish_chunks(nc: NATS, subject: str, chunks: AsyncIterator[bytes | m
                                            "(JETFLEET_MAX_OBJECT_BYTES)")
             token = str(count)
             await acks.reserve(token, n)
-            h.update(chunk)
             if first is None:
                 first = asyncio.get_running_loop().time()
-            # A memoryview slice is sent as is (nats-py copies it into the PUB).
+            # A memoryview slice is sent as is (nats-py copies it into the PUB);
+            # hashed after that copy, while the chunk is still in cache.
             await nc.publish(subject, cast(bytes, chunk), reply=f"{inbox}.{token}",
                              headers=headers)
+            h.update(chunk)
             size += n
             count += 1
         await acks.drain()
