@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,40 +155,5 @@ def procs(fleet_env: dict[str, str], tmp_path: Path) -> Iterator[Procs]:
         p.close()
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1,
-                     what: str = "condition") -> Any:
-    """Poll an (async or sync) check until it returns something truthy."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(interval)
-
-
-async def job_events(bus: Bus, job_id: str) -> list[dict[str, Any]]:
-    """Every event recorded for a job so far, straight from the EVENTS stream."""
-    import json
-
-    from nats.js.api import DeliverPolicy
-
-    from bus import topology
-
-    sub = await bus.js.subscribe(topology.job_events(job_id), ordered_consumer=True,
-                                 deliver_policy=DeliverPolicy.ALL)
-    out = []
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=0.5)
-            except TimeoutError:
-                break
-            out.append(json.loads(msg.data))
-    finally:
-        await sub.unsubscribe()
-    return out
+# Shared helpers live in tests/helpers.py; re-exported here for older imports.
+from tests.helpers import eventually, job_events  # noqa: E402, F401

@@ -11,7 +11,7 @@ from bus.connection import connect
 from bus.server import ServerError, check_version, parse_version
 from bus.settings import Settings
 from schemas.jobs import JobState
-from tests.conftest import eventually
+from tests.helpers import eventually, state_is
 
 
 def test_old_servers_are_refused_with_a_clear_message():
@@ -53,7 +53,7 @@ async def test_a_message_that_exhausts_its_deliveries_is_dead_lettered(bus, comp
 
     await components.dispatcher()
     job_id = await client.submit("poison", {"x": 1})
-    await eventually(lambda: _state(client, job_id, "queued"))
+    await eventually(lambda: state_is(client, job_id, "queued"))
     cfg = topology.work_consumer_config(replace(bus.settings, work_max_deliver=2,
                                                 work_ack_wait_s=1.0), "poison", 1)
     await topology.ensure_consumer(bus.js, topology.WORK, cfg)
@@ -71,15 +71,10 @@ async def test_a_message_that_exhausts_its_deliveries_is_dead_lettered(bus, comp
     assert "max deliveries exhausted" in letter["reason"]
     assert letter["stream"] == topology.WORK and letter["deliveries"] == 2
     assert json.loads(letter["raw"])["job_id"] == job_id
-    state = await eventually(lambda: _state(client, job_id, "dead"))
+    state = await eventually(lambda: state_is(client, job_id, "dead"))
     assert state.error.code == "deliveries_exhausted"
     info = await bus.js.stream_info(topology.WORK)
     assert info.state.messages == 0  # removed from WORK once recorded on DEAD
-
-
-async def _state(client, job_id, want):
-    s = await client.status(job_id)
-    return s if s is not None and s.state == want else None
 
 
 def test_job_state_round_trips_through_the_codec():

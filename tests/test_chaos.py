@@ -25,8 +25,16 @@ from ops.launcher import Fleet
 from schemas.common import now
 from schemas.fleet import LeaseRecord
 from schemas.jobs import JobState, WorkItem
-from tests.conftest import eventually, job_events
-from tests.test_leases import EventLog, LeaseHistory, all_terminal, replay, states_of
+from tests.helpers import (
+    EventLog,
+    LeaseHistory,
+    all_terminal,
+    eventually,
+    job_events,
+    no_leases,
+    replay,
+    states_of,
+)
 
 WORKER_ARGS = ("--simulate-gpus", "4", "--node", "n1", "--no-kernels", "--capacity", "2")
 
@@ -99,7 +107,7 @@ async def _chaos(bus, components, client, procs, *, workers: int, jobs: int, kil
     await eventually(lambda: all_terminal(client, job_ids), timeout=300, interval=0.5,
                      what="every job to finish")
     # Every lease comes back: released by the living, expired for the dead.
-    await eventually(lambda: _no_leases(bus), timeout=ttl + 3, what="all leases back")
+    await eventually(lambda: no_leases(bus), timeout=ttl + 3, what="all leases back")
     await asyncio.sleep(0.5)
     await events.stop()
     await history.stop()
@@ -164,10 +172,6 @@ async def _busy_workers(client, job_ids, alive):
         if s.state == "running" and s.worker_id in alive and s.devices:
             out.setdefault(s.worker_id, []).append(s.job_id)
     return out
-
-
-async def _no_leases(bus):
-    return not await LeaseTable(bus).holders()
 
 
 async def _watch_keys_go(bus, holder, keys, timeout):

@@ -11,7 +11,7 @@ from agents.worker import App, JobContext
 from bus import codec, topology
 from bus.codec import DecodeError
 from schemas.jobs import JobState, JobSubmission
-from tests.conftest import eventually, job_events
+from tests.helpers import eventually, job_events, state_is
 
 
 async def test_raw_json_echo_end_to_end(bus, components):
@@ -85,6 +85,9 @@ async def test_same_job_id_runs_once(bus, components, client, same_msg_id):
     await asyncio.sleep(1.5)
     kinds = [e["kind"] for e in await job_events(bus, "dup1")]
     assert kinds.count("succeeded") == 1 and kinds.count("running") == 1
+    # Each copy that reached the dispatcher was recorded as a duplicate (one with
+    # the same Nats-Msg-Id is dropped by the stream itself, before it).
+    assert kinds.count("duplicate") == (1 if same_msg_id else 2), kinds
 
 
 async def test_malformed_input_is_dead_lettered_and_the_next_job_runs(bus, components, client):
@@ -119,13 +122,8 @@ async def test_malformed_input_is_dead_lettered_and_the_next_job_runs(bus, compo
     assert neg.state == "failed" and neg.error.code == "invalid_submission"
     big_state = await client.wait("big", timeout=10)
     assert big_state.error.code == "payload_too_large"
-    nobody = await eventually(lambda: _state_is(client, "nobody", "unschedulable"))
+    nobody = await eventually(lambda: state_is(client, "nobody", "unschedulable"))
     assert "no.such.thing" in nobody.reason
-
-
-async def _state_is(client, job_id, state):
-    s = await client.status(job_id)
-    return s if s is not None and s.state == state else None
 
 
 async def _dead_letters(bus, expect):
@@ -144,7 +142,7 @@ async def test_unschedulable_then_scheduled_when_a_worker_appears(bus, component
     await components.dispatcher(unschedulable_after_s=0.5)
     await components.worker()  # echo and sleep only
     job_id = await client.submit({"type": "translate", "lang": "fr"}, {"text": "hello"})
-    state = await eventually(lambda: _state_is(client, job_id, "unschedulable"))
+    state = await eventually(lambda: state_is(client, job_id, "unschedulable"))
     assert "translate" in state.reason
 
     app = App()
@@ -165,7 +163,7 @@ async def test_cancel_a_running_sleep(bus, components, client):
     await components.dispatcher()
     await components.worker()
     job_id = await client.submit("sleep", {"seconds": 30, "steps": 30})
-    await eventually(lambda: _state_is(client, job_id, "running"))
+    await eventually(lambda: state_is(client, job_id, "running"))
     await client.cancel(job_id, reason="changed my mind")
     state = await client.wait(job_id, timeout=15)
     assert state.state == "cancelled" and state.reason == "changed my mind"
@@ -176,7 +174,7 @@ async def test_cancel_a_running_sleep(bus, components, client):
 async def test_cancel_before_it_runs(bus, components, client):
     await components.dispatcher()
     job_id = await client.submit("sleep", {"seconds": 30})
-    await eventually(lambda: _state_is(client, job_id, "queued"))
+    await eventually(lambda: state_is(client, job_id, "queued"))
     await client.cancel(job_id)
     state = await client.wait(job_id, timeout=10)
     assert state.state == "cancelled"

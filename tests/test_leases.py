@@ -5,180 +5,30 @@ of every lease key, and the jobs' own running intervals per device)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
-import json
 import os
 import signal
-from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from nats.js.api import DeliverPolicy
 
 from agents.devices import inventory
 from agents.worker import App, JobContext
-from agents.worker.builtin import builtin
-from bus import codec, topology
+from bus import topology
 from bus.leases import LeaseLost, LeaseTable
-from schemas.fleet import LeaseRecord
-from schemas.jobs import JobState
-from tests.conftest import eventually, job_events
-
-# ---- helpers shared by the routing and chaos tests ---------------------------------
-
-
-@dataclass
-class KvOp:
-    key: str
-    op: str  # PUT | DEL | PURGE
-    ts: float  # server time of the write
-    record: LeaseRecord | None
-
-
-class LeaseHistory:
-    """Every write to KV `leases` from the first, replayed in stream order
-    through an ordered consumer on the bucket's own subjects."""
-
-    def __init__(self, bus: Any) -> None:
-        self.bus = bus
-        self.ops: list[KvOp] = []
-        self._sub: Any = None
-
-    async def start(self) -> LeaseHistory:
-        self._sub = await self.bus.js.subscribe(f"$KV.{topology.KV_LEASES}.>",
-                                                ordered_consumer=True,
-                                                deliver_policy=DeliverPolicy.ALL, cb=self._on)
-        return self
-
-    async def _on(self, msg: Any) -> None:
-        op = (msg.headers or {}).get("KV-Operation", "PUT")
-        rec = codec.decode(msg.data, LeaseRecord) if op == "PUT" and msg.data else None
-        self.ops.append(KvOp(key=msg.subject.removeprefix(f"$KV.{topology.KV_LEASES}."), op=op,
-                             ts=msg.metadata.timestamp.timestamp(), record=rec))
-
-    async def stop(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-
-
-@dataclass
-class Replay:
-    acquisitions: list[tuple[str, str, str | None]]  # (key, holder, job)
-    renewals: int
-    releases: int
-    expiries: int
-    violations: list[str]
-
-
-def replay(ops: list[KvOp], ttl_s: float) -> Replay:
-    """Walk each key's writes: create -> renewals by the same holder ->
-    delete, or silence for a TTL (expiry). A write by anyone else while a
-    holder's lease is live is a violation (two holders)."""
-    out = Replay([], 0, 0, 0, [])
-    holder: dict[str, tuple[str, str | None, float] | None] = {}
-    last: dict[str, float] = {}
-    for op in ops:
-        cur = holder.get(op.key)
-        if cur is not None and op.ts - last[op.key] >= ttl_s:
-            out.expiries += 1  # the holder went silent for a TTL: the key expired
-            cur = holder[op.key] = None
-        if op.op in ("DEL", "PURGE"):
-            if cur is not None:
-                out.releases += 1
-            holder[op.key] = None
-        else:
-            assert op.record is not None
-            ident = (op.record.holder, op.record.job_id, op.record.acquired_at)
-            if cur is None:
-                holder[op.key] = ident
-                out.acquisitions.append((op.key, op.record.holder, op.record.job_id))
-            elif ident == cur:
-                out.renewals += 1
-            else:
-                out.violations.append(f"{op.key}: {ident} wrote while {cur} held it")
-        last[op.key] = op.ts
-    return out
-
-
-def overlaps(states: list[JobState]) -> tuple[dict[str, int], list[str]]:
-    """Per device, the attempts' running intervals; any two that overlap."""
-    per: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
-    for s in states:
-        for a in s.attempts:
-            assert a.started_at is not None and a.ended_at is not None, (s.job_id, a)
-            for dev in a.devices:
-                per[dev].append((a.started_at, a.ended_at, f"{s.job_id}#{a.attempt}"))
-    bad = []
-    for dev, iv in per.items():
-        iv.sort()
-        for (_s0, e0, j0), (s1, _e1, j1) in itertools.pairwise(iv):
-            if s1 < e0:
-                bad.append(f"{dev}: {j0} ran until {e0:.4f}, {j1} started at {s1:.4f}")
-    return {d: len(v) for d, v in per.items()}, bad
-
-
-class EventLog:
-    """Every job event on the bus, collected as it comes."""
-
-    def __init__(self, bus: Any) -> None:
-        self.bus = bus
-        self.events: list[dict[str, Any]] = []
-        self._sub: Any = None
-
-    async def start(self) -> EventLog:
-        self._sub = await self.bus.js.subscribe(topology.JOB_EVENTS_ALL, ordered_consumer=True,
-                                                deliver_policy=DeliverPolicy.ALL, cb=self._on)
-        return self
-
-    async def _on(self, msg: Any) -> None:
-        self.events.append(json.loads(msg.data))
-
-    def kinds(self, job_id: str) -> list[str]:
-        return [e["kind"] for e in self.events if e["job_id"] == job_id]
-
-    def count(self, kind: str) -> dict[str, int]:
-        out: dict[str, int] = defaultdict(int)
-        for e in self.events:
-            if e["kind"] == kind:
-                out[e["job_id"]] += 1
-        return out
-
-    async def stop(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-
-
-async def states_of(client: Any, job_ids: list[str]) -> list[JobState]:
-    out = []
-    for j in job_ids:
-        s = await client.status(j)
-        assert s is not None, j
-        out.append(s)
-    return out
-
-
-async def all_terminal(client: Any, job_ids: list[str]) -> bool:
-    for j in job_ids:
-        s = await client.status(j)
-        if s is None or not s.terminal:
-            return False
-    return True
-
-
-def sleep_only() -> App:
-    app = App("sleepers")
-    app.capabilities["sleep"] = builtin.capabilities["sleep"]
-    return app
-
-
-async def queued(bus: Any, n: int) -> bool:
-    info = await bus.js.stream_info(topology.WORK)
-    return info.state.messages >= n
-
+from tests.helpers import (
+    EventLog,
+    LeaseHistory,
+    all_terminal,
+    eventually,
+    job_events,
+    no_leases,
+    overlaps,
+    queued,
+    replay,
+    sleep_only,
+    state_is,
+    states_of,
+)
 
 # ---- the primitives ------------------------------------------------------------------
 
@@ -265,11 +115,7 @@ async def test_running_event_carries_leases_and_the_handler_sees_its_device(bus,
     running = next(e for e in await job_events(bus, job) if e["kind"] == "running")
     assert sorted(running["devices"]) == sorted(devices) == sorted(state.devices)
     # Released after the terminal event.
-    await eventually(lambda: _no_leases(bus), timeout=5, what="leases released")
-
-
-async def _no_leases(bus):
-    return not await LeaseTable(bus).holders()
+    await eventually(lambda: no_leases(bus), timeout=5, what="leases released")
 
 
 async def test_losing_the_lease_stops_the_job_and_it_is_retried(bus, components, client):
@@ -277,7 +123,7 @@ async def test_losing_the_lease_stops_the_job_and_it_is_retried(bus, components,
     await components.worker(inventory=inventory(node="nl", simulate_gpus=1, use_nvml=False))
     job = await client.submit("sleep", {"seconds": 30, "steps": 30}, resources={"gpus": 1},
                               max_attempts=2)
-    await eventually(lambda: _state_is(client, job, "running"), what="running")
+    await eventually(lambda: state_is(client, job, "running"), what="running")
     # Someone deletes the key under the holder (as an expiry would): its next
     # renewal's compare-and-set fails, and the job is stopped at once.
     kv = await bus.kv(topology.KV_LEASES)
@@ -285,7 +131,7 @@ async def test_losing_the_lease_stops_the_job_and_it_is_retried(bus, components,
     s = await eventually(lambda: _attempt_ended(client, job, 1), timeout=15, what="attempt 1 ended")
     assert s.attempts[0].outcome == "failed" and s.attempts[0].error.code == "lease_lost"
     # Retried on a fresh lease (the attempt counted), then cancelled to finish quickly.
-    await eventually(lambda: _state_is(client, job, "running"), timeout=15, what="attempt 2")
+    await eventually(lambda: state_is(client, job, "running"), timeout=15, what="attempt 2")
     await client.cancel(job)
     s = await client.wait(job, timeout=20)
     assert s.state == "cancelled" and s.attempt == 2
@@ -301,7 +147,7 @@ async def test_a_holder_that_cannot_renew_stops_before_the_ttl(bus, components, 
     await components.worker(inventory=inventory(node="np", simulate_gpus=1, use_nvml=False))
     job = await client.submit("sleep", {"seconds": 60, "steps": 60}, resources={"gpus": 1},
                               max_attempts=2)
-    await eventually(lambda: _state_is(client, job, "running"), what="running")
+    await eventually(lambda: state_is(client, job, "running"), what="running")
     ttl = bus.settings.lease_ttl_s
     assert nats_server.proc is not None
     os.kill(nats_server.proc.pid, signal.SIGSTOP)
@@ -315,11 +161,6 @@ async def test_a_holder_that_cannot_renew_stops_before_the_ttl(bus, components, 
     assert "no lease renewal confirmed" in s.attempts[0].error.message
     await client.cancel(job)
     await client.wait(job, timeout=30)
-
-
-async def _state_is(client, job_id, state):
-    s = await client.status(job_id)
-    return s if s is not None and s.state == state else None
 
 
 async def _attempt_ended(client, job_id, attempt):
@@ -350,7 +191,7 @@ async def _contend(bus, components, client, *, workers: int, devices: int, jobs:
                                                          use_nvml=False))
     await eventually(lambda: all_terminal(client, job_ids), timeout=600, interval=0.5,
                      what="every job to finish")
-    await eventually(lambda: _no_leases(bus), timeout=10, what="every lease released")
+    await eventually(lambda: no_leases(bus), timeout=10, what="every lease released")
     await asyncio.sleep(0.5)  # let the history consumer catch up with the last deletes
     await history.stop()
     await events.stop()

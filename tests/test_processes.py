@@ -11,26 +11,22 @@ import time
 
 import psutil
 
-from tests.conftest import ROOT, eventually, job_events
-
-
-async def _state(client, job_id, *states):
-    s = await client.status(job_id)
-    return s if s is not None and s.state in states else None
+from tests.conftest import ROOT
+from tests.helpers import eventually, job_events, running_attempt, state_is
 
 
 async def test_kill_9_worker_mid_job_is_redelivered_and_succeeds_once(bus, client, procs):
     procs.run("dispatcher")
     first = procs.run("worker", "--node", "n1", name="worker-a")
     job_id = await client.submit("sleep", {"seconds": 4, "steps": 4})
-    running = await eventually(lambda: _state(client, job_id, "running"), timeout=30)
+    running = await eventually(lambda: state_is(client, job_id, "running"), timeout=30)
     assert running.attempt == 1
     second = procs.run("worker", "--node", "n2", name="worker-b")
     os.kill(first.pid, signal.SIGKILL)
     first.wait(timeout=10)
     t_killed = time.monotonic()
     again = await eventually(
-        lambda: _state_attempt(client, job_id, 2), timeout=30, what="attempt 2 running")
+        lambda: running_attempt(client, job_id, 2), timeout=30, what="attempt 2 running")
     # Redelivered after the ack wait (3 s in tests) and running again well within 15 s.
     assert time.monotonic() - t_killed < 15
     assert again.worker_id != running.worker_id
@@ -44,11 +40,6 @@ async def test_kill_9_worker_mid_job_is_redelivered_and_succeeds_once(bus, clien
     assert lost["attempt"] == 1 and lost["worker_id"] == running.worker_id
     assert [a.outcome for a in state.attempts] == ["lost", "succeeded"]
     assert second.poll() is None
-
-
-async def _state_attempt(client, job_id, attempt):
-    s = await client.status(job_id)
-    return s if s is not None and s.state == "running" and s.attempt == attempt else None
 
 
 def _start_up(tmp_path, *args):

@@ -17,13 +17,18 @@ from agents.worker import App, Delegate, JobContext
 from agents.worker.builtin import builtin
 from bus import topology
 from bus.leases import LeaseTable
-from tests.conftest import eventually, job_events
-from tests.test_leases import EventLog, all_terminal, overlaps, queued, states_of
-
-
-async def _state_is(client, job_id, state):
-    s = await client.status(job_id)
-    return s if s is not None and s.state == state else None
+from tests.helpers import (
+    EventLog,
+    all_terminal,
+    dead_letters,
+    eventually,
+    job_events,
+    no_leases,
+    overlaps,
+    queued,
+    state_is,
+    states_of,
+)
 
 
 def _first(events: list[dict[str, Any]], kind: str, **match: Any) -> dict[str, Any]:
@@ -198,11 +203,7 @@ async def test_timeout_stops_the_attempt_and_counts_it_failed(bus, components, c
     assert [a.error.code for a in state.attempts] == ["timeout", "timeout"]
     kinds = [e["kind"] for e in await job_events(bus, job)]
     assert kinds.count("retrying") == 1 and "succeeded" not in kinds
-    await eventually(lambda: _no_leases(bus), timeout=5, what="the lease given back")
-
-
-async def _no_leases(bus):
-    return not await LeaseTable(bus).holders()
+    await eventually(lambda: no_leases(bus), timeout=5, what="the lease given back")
 
 
 # ---- cancel ----------------------------------------------------------------------------
@@ -212,12 +213,12 @@ async def test_cancel_a_running_gpu_job_gives_its_lease_back(bus, components, cl
     await components.dispatcher()
     await components.worker(inventory=inventory(node="nc", simulate_gpus=1, use_nvml=False))
     job = await client.submit("sleep", {"seconds": 60, "steps": 60}, resources={"gpus": 1})
-    await eventually(lambda: _state_is(client, job, "running"), what="running")
+    await eventually(lambda: state_is(client, job, "running"), what="running")
     assert (await LeaseTable(bus).holders())["nc.gpu0"].job_id == job
     await client.cancel(job, reason="not needed")
     state = await client.wait(job, timeout=20)
     assert state.state == "cancelled" and state.reason == "not needed"
-    await eventually(lambda: _no_leases(bus), timeout=3, what="the lease released")
+    await eventually(lambda: no_leases(bus), timeout=3, what="the lease released")
     # The device is free for the next job at once.
     nxt = await client.submit("sleep", {"seconds": 0.05, "steps": 1}, resources={"gpus": 1})
     assert (await client.wait(nxt, timeout=20)).devices == ["nc.gpu0"]
@@ -251,7 +252,7 @@ async def test_cancel_escalates_to_sigkill_of_the_handlers_process_group(bus, co
     state = await client.wait(job, timeout=20)
     assert state.state == "cancelled"
     await eventually(lambda: not _alive(pid), timeout=5, what="the child killed")
-    await eventually(lambda: _no_leases(bus), timeout=3, what="the lease released")
+    await eventually(lambda: no_leases(bus), timeout=3, what="the lease released")
 
 
 def _alive(pid: int) -> bool:
@@ -327,20 +328,9 @@ async def test_bad_resources_and_labels_are_refused_with_a_reason(bus, component
         failed = _first(await job_events(bus, job_id), "failed")
         assert failed["error"]["message"] == state.error.message
         assert "running" not in [e["kind"] for e in await job_events(bus, job_id)]
-    letters = await _dead_letters(bus, len(bad))
+    letters = await dead_letters(bus, len(bad))
     assert {lt["reason"] for lt in letters} == {
         (await client.status(j)).error.message for j in bad}
-
-
-async def _dead_letters(bus, n):
-    sub = await bus.js.subscribe(topology.DEAD_ALL, ordered_consumer=True)
-    out = []
-    try:
-        while len(out) < n:
-            out.append(json.loads((await sub.next_msg(timeout=10)).data))
-    finally:
-        await sub.unsubscribe()
-    return out
 
 
 async def test_resources_no_node_can_hold_are_unschedulable_at_once(bus, components, client):
@@ -349,7 +339,7 @@ async def test_resources_no_node_can_hold_are_unschedulable_at_once(bus, compone
     await components.worker(inventory=inventory(node="nu", simulate_gpus=2, use_nvml=False))
     await eventually(lambda: _advertised(client, 1), what="the worker's advert")
     job = await client.submit("sleep", {"seconds": 0.05}, resources={"gpus": 64})
-    state = await eventually(lambda: _state_is(client, job, "unschedulable"), timeout=10)
+    state = await eventually(lambda: state_is(client, job, "unschedulable"), timeout=10)
     assert "gpus=64" in state.reason and "most GPUs any matching node offers is 2" in state.reason
     event = _first(await job_events(bus, job), "unschedulable")
     assert event["reason"] == state.reason
@@ -374,7 +364,7 @@ async def test_workers_and_leases_cli_and_micro_services(bus, components, client
     await components.dispatcher()
     w = await components.worker(inventory=inventory(node="nv", simulate_gpus=2, use_nvml=False))
     job = await client.submit("sleep", {"seconds": 60, "steps": 60}, resources={"gpus": 1})
-    await eventually(lambda: _state_is(client, job, "running"), what="running")
+    await eventually(lambda: state_is(client, job, "running"), what="running")
     await eventually(lambda: _loaded(client, w.worker_id), what="the advert shows the load")
     out = await asyncio.to_thread(procs.cli, "leases", "--json")
     assert out.returncode == 0, out.stderr

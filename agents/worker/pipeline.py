@@ -199,12 +199,15 @@ class Pipeline:
             return
 
         async def ask() -> None:
-            with contextlib.suppress(Exception):
+            try:
                 await request(self.w.bus, "worker", state.worker_id or "", "cancel",
                               StopRequest(job_id=state.job_id, kind="superseded",
                                           attempt=state.attempt,
                                           reason=f"attempt {state.attempt + 1} took the job"),
                               timeout=1.0)
+            except Exception as exc:  # gone, or stalled: it finds out when it settles
+                log.info("job %s: asking %s to stop attempt %d: %s", state.job_id,
+                         state.worker_id, state.attempt, type(exc).__name__)
 
         task = asyncio.get_running_loop().create_task(ask())
         self._bg.add(task)

@@ -91,9 +91,10 @@ async def _main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
     mod = module(args.component)
-    control = ControlService(bus, args.component, args.instance_id,
-                             kind=getattr(mod, "CONTROL_KIND", args.component),
-                             on_drain=stopping.set)
+    kind = getattr(mod, "CONTROL_KIND", args.component)
+    # A process that runs jobs is reached by its worker id.
+    instance = (getattr(args, "worker_id", None) if kind == "worker" else None) or args.instance_id
+    control = ControlService(bus, args.component, instance, kind=kind, on_drain=stopping.set)
     try:
         await control.start()
         await mod.run(bus, args, stopping, control)

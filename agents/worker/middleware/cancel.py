@@ -55,6 +55,7 @@ class CancelRegistry(Middleware):
         att = self.running.get(req.job_id)
         if att is None or (req.attempt is not None and att.number not in (0, req.attempt)):
             raise ControlError(404, f"job {req.job_id} is not running here")
+        log.info("stopping job %s (%s): %s", req.job_id, req.kind, req.reason)
         att.stop(req.kind, req.reason)
         return {"ok": True, "job_id": req.job_id, "attempt": att.number}
 
