@@ -22,9 +22,10 @@ from agents.node.capture import CaptureLimits, RawProcess, capture, imports_of
 from agents.node.params import config_path, parse_params, split_entry
 from agents.node.patterns import JobPatterns, PatternError
 from agents.node.redact import REDACTED, capture_env, redact_argv, redact_text, secret_name
-from agents.node.scanner import Scanner, discovered_id
-from bus import topology
+from agents.node.scanner import Scanner, discovered_id, split_cmdline
+from bus import codec, topology
 from schemas.common import is_valid_id
+from schemas.telemetry import ProcessInfo
 from tests.conftest import eventually, job_events
 
 SECRETS = ("hunter2-ARGV-secret", "tok-ENV-secret-123", "cfg-PASSWORD-secret", "URLPASS-secret",
@@ -140,6 +141,18 @@ def test_unicode_quotes_and_thousands_of_arguments(tmp_path: Path):
     assert info.framework == "torch" and info.imports == ["torch"]
     assert info.code is not None and "print('ok')" in info.code
     assert any("cut to" in n for n in info.notes)
+
+
+def test_bytes_that_are_not_utf8_never_break_encoding(tmp_path: Path):
+    # What psutil gives for argv bytes that do not decode: lone surrogates.
+    argv = ["python", "train.py", "--name", b"caf\xe9-\xff".decode("utf-8", "surrogateescape")]
+    info = capture(RawProcess(pid=3, create_time=3.0, cmdline=argv, cwd=str(tmp_path),
+                              environ={"CUDA_VISIBLE_DEVICES": "\udcff"}), "n1").info
+    assert codec.decode(codec.encode(info), ProcessInfo).parameters["name"] == "caf\ufffd-\ufffd"
+    assert split_cmdline(b"python\0train.py\0--x\0\xff\0") == \
+        ["python", "train.py", "--x", "\ufffd"]
+    assert split_cmdline(b"nginx: worker process ") == ["nginx:", "worker", "process"]
+    assert split_cmdline(b"") == []
 
 
 def test_binary_huge_missing_and_non_utf8_files_become_notes_or_blobs(tmp_path: Path):

@@ -63,11 +63,21 @@ class RawProcess:
     notes: list[str] = field(default_factory=list)
 
 
+def clean(text: str) -> str:
+    """Valid UTF-8 text: bytes a process put in its argv or environment that do
+    not decode (psutil keeps them as surrogates) become U+FFFD."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return text
+
+
 def trim_cmdline(cmdline: list[str]) -> tuple[list[str], bool]:
     """At most MAX_ARGS arguments and MAX_CMDLINE_CHARS characters in all."""
     out: list[str] = []
     total = 0
-    for arg in cmdline[:MAX_ARGS]:
+    for arg in map(clean, cmdline[:MAX_ARGS]):
         if total + len(arg) > MAX_CMDLINE_CHARS:
             out.append(arg[:max(0, MAX_CMDLINE_CHARS - total)])
             return out, True
@@ -83,11 +93,12 @@ def capture(raw: RawProcess, node: str, limits: CaptureLimits = CaptureLimits())
     notes = list(raw.notes)
     if cut:
         notes.append(f"command line cut to {len(cmdline)} of {len(raw.cmdline)} arguments")
-    environ = raw.environ or {}
+    environ = {clean(k): clean(v) for k, v in (raw.environ or {}).items()}
     job_id = environ.get(JOB_ID_VAR) or None
     info = ProcessInfo(
-        pid=raw.pid, create_time=raw.create_time, cmdline=redact_argv(cmdline), exe=raw.exe,
-        cwd=raw.cwd, username=raw.username, parameters=params,
+        pid=raw.pid, create_time=raw.create_time, cmdline=redact_argv(cmdline),
+        exe=clean(raw.exe) if raw.exe else None, cwd=clean(raw.cwd) if raw.cwd else None,
+        username=clean(raw.username) if raw.username else None, parameters=params,
         env=capture_env(environ, limits.env_allow), job_id=job_id, ppid=raw.ppid,
         cmdline_truncated=cut, notes=notes,
     )

@@ -11,6 +11,7 @@ the other one is not, so an unsure case is redacted.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 
 REDACTED = "[REDACTED]"
@@ -122,8 +123,13 @@ def _numeric(arg: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=32)
+def _allow_re(allow: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in allow) or "(?!)")
+
+
 def env_allowed(name: str, allow: tuple[str, ...] = DEFAULT_ENV_ALLOW) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in allow)
+    return _allow_re(allow).match(name) is not None
 
 
 def capture_env(environ: dict[str, str], allow: tuple[str, ...] = DEFAULT_ENV_ALLOW,

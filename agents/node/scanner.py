@@ -106,6 +106,7 @@ class Scanner:
         self.by_pid: dict[int, tuple[Job, Proc]] = {}
         self._verify: list[int] = []
         self._verify_at = 0
+        self._boot = psutil.boot_time()
 
     # ---- the cycle -----------------------------------------------------------------------
 
@@ -167,29 +168,19 @@ class Scanner:
             seen = self.seen.get(pid)
             if seen is None or pid in self.by_pid:
                 continue
-            try:
-                if psutil.Process(pid).create_time() != seen.create_time:
-                    del self.seen[pid]
-            except psutil.Error:
-                self.seen.pop(pid, None)
+            stat = _stat(pid, self._boot)
+            if stat is None or stat[0] != seen.create_time:
+                del self.seen[pid]
         self._verify_at += n
 
     # ---- first look at a process ---------------------------------------------------------
 
     def _examine(self, pid: int) -> _Seen | None:
-        try:
-            p = psutil.Process(pid)
-            create_time = p.create_time()
-            ppid = p.ppid()
-        except psutil.Error:
+        first = _first_look(pid, self._boot)
+        if first is None:
             return None
-        try:
-            cmdline = p.cmdline()
-        except psutil.AccessDenied:
-            cmdline = []
-        except psutil.Error:
-            return None
-        job_var = _job_var(pid, p)
+        create_time, ppid, cmdline = first
+        job_var = _job_var(pid)
         candidate = job_var is not None or self.patterns.matches(cmdline)
         settled = time.time() - create_time >= SETTLE_S
         return _Seen(create_time=create_time, settled=settled, candidate=candidate,
@@ -299,20 +290,82 @@ def _exit_code(handle: Proc) -> int | None:
     return None
 
 
-def _job_var(pid: int, p: psutil.Process) -> str | None:
-    """JETFLEET_JOB_ID from the process's environment: a raw read on Linux (cheap,
-    once per process), psutil elsewhere; None when absent or not ours to read."""
+# First looks read /proc directly on Linux: one read each of stat, cmdline and
+# environ per new process (psutil's Process() alone reads stat two or three
+# times). The start time is computed exactly as psutil computes it, so ids
+# agree with psutil.Process(pid).create_time(). Elsewhere, psutil.
+_PROC = os.path.isdir("/proc/self")
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _read(path: str) -> bytes | None:
     try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        if os.path.isdir("/proc"):
-            return None
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _stat(pid: int, boot: float) -> tuple[float, int] | None:
+    """(create time, parent pid) of `pid`; None when it is gone."""
+    if not _PROC:
         try:
-            return p.environ().get(JOB_ID_VAR) or None
+            p = psutil.Process(pid)
+            return p.create_time(), p.ppid()
         except psutil.Error:
             return None
-    except OSError:
+    data = _read(f"/proc/{pid}/stat")
+    if not data:
+        return None
+    fields = data[data.rfind(b")") + 2:].split()
+    try:
+        return float(fields[19]) / _TICKS + boot, int(fields[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def _first_look(pid: int, boot: float) -> tuple[float, int, list[str]] | None:
+    stat = _stat(pid, boot)
+    if stat is None:
+        return None
+    if not _PROC:
+        try:
+            return stat[0], stat[1], psutil.Process(pid).cmdline()
+        except psutil.AccessDenied:
+            return stat[0], stat[1], []
+        except psutil.Error:
+            return None
+    data = _read(f"/proc/{pid}/cmdline")
+    if data is None:
+        return None
+    return stat[0], stat[1], split_cmdline(data)
+
+
+def split_cmdline(data: bytes) -> list[str]:
+    """/proc/<pid>/cmdline as psutil splits it (NUL-separated, or spaces for a
+    process that rewrote its title), undecodable bytes replaced."""
+    if not data:
+        return []
+    text = data.decode("utf-8", errors="replace")
+    sep = "\0" if text.endswith("\0") else " "
+    if text.endswith(sep):
+        text = text[:-1]
+    args = text.split(sep)
+    if sep == "\0" and len(args) == 1 and " " in text:
+        args = text.split(" ")
+    return args
+
+
+def _job_var(pid: int) -> str | None:
+    """JETFLEET_JOB_ID from the process's environment (once per process); None
+    when absent or not ours to read."""
+    if not _PROC:
+        try:
+            return psutil.Process(pid).environ().get(JOB_ID_VAR) or None
+        except psutil.Error:
+            return None
+    data = _read(f"/proc/{pid}/environ")
+    if not data:
         return None
     at = data.find(b"\0" + _JOB_VAR)
     start = 0 if data.startswith(_JOB_VAR) else (at + 1 if at >= 0 else -1)
