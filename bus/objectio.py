@@ -176,6 +176,13 @@ class AckWindow:
     async def drain(self) -> None:
         await self._wait(lambda: not self.inflight)
 
+    async def settle(self) -> None:
+        """Wait (bounded, never raising) for the chunks in flight to land, so a
+        purge after a failed put does not run before them."""
+        with contextlib.suppress(Exception):
+            self.error = None
+            await self._wait(lambda: not self.inflight)
+
 
 async def publish_chunks(nc: NATS, subject: str, chunks: AsyncIterator[bytes | memoryview], *,
                          what: str, limit: int, headers: dict[str, str] | None,
@@ -209,8 +216,12 @@ async def publish_chunks(nc: NATS, subject: str, chunks: AsyncIterator[bytes | m
             size += n
             count += 1
         await acks.drain()
-    except nats.errors.Error as exc:
-        raise ObjectStoreUnavailable(what, f"publishing chunks failed: {exc!r}") from exc
+    except BaseException as exc:
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(acks.settle())
+        if isinstance(exc, nats.errors.Error):
+            raise ObjectStoreUnavailable(what, f"publishing chunks failed: {exc!r}") from exc
+        raise
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()

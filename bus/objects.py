@@ -164,7 +164,6 @@ class ObjectStore:
         if known is not None and known > self.max_object_bytes:
             raise ObjectTooLarge(what, f"{known} bytes is more than the limit of "
                                        f"{self.max_object_bytes} (JETFLEET_MAX_OBJECT_BYTES)")
-        old = await self._meta_or_none(name, what)
         nuid = uuid.uuid4().hex
         subject = self._chunk_subject(nuid)
         headers = {"Nats-TTL": str(ttl_s + self.ttl_grace_s)} if ttl_s else None
@@ -188,7 +187,7 @@ class ObjectStore:
                                                        f"for a ttl of {ttl_s}s")
                 meta.metadata = {EXPIRES_KEY: rfc3339(time.time() + meta_ttl)}
                 meta_headers["Nats-TTL"] = str(meta_ttl)
-            await self._publish_meta(meta, meta_headers, what)
+            old = await self._replace_meta(meta, meta_headers, what)
         except BaseException:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._purge(subject))
@@ -198,19 +197,46 @@ class ObjectStore:
                 await self._purge(self._chunk_subject(old.nuid))
         return meta.ref()
 
-    async def _publish_meta(self, meta: ObjectMeta, headers: dict[str, str], what: str) -> None:
+    async def _replace_meta(self, meta: ObjectMeta, headers: dict[str, str],
+                            what: str) -> ObjectMeta | None:
+        """Write `meta` over the record it replaces, compare-and-set on the meta
+        subject's last sequence, and return the replaced record: each writer
+        then purges exactly the chunks it replaced, even when puts of one name
+        race (a lost race is retried against the new record)."""
+        for _ in range(20):
+            old, seq = await self._meta_and_seq(meta.name, what)
+            try:
+                await self._publish_meta(
+                    meta, {**headers, "Nats-Expected-Last-Subject-Sequence": str(seq)}, what,
+                    raw=True)
+            except BadRequestError as exc:
+                if exc.err_code == 10071:  # wrong last sequence: another writer was first
+                    continue
+                raise self._meta_refused(exc, what) from None
+            return old
+        raise ObjectStoreUnavailable(what, "too many writers raced to replace it")
+
+    async def _publish_meta(self, meta: ObjectMeta, headers: dict[str, str], what: str, *,
+                            raw: bool = False) -> None:
+        """Publish a meta record; with `raw`, a refusal by the stream is raised
+        as the server's BadRequestError (for a caller that handles some)."""
         try:
             await self.bus.publish(self._meta_subject(meta.name), msgspec.json.encode(meta),
                                    headers=headers, timeout=self.stall_s)
         except BadRequestError as exc:
-            if exc.err_code == 10166:
-                raise ObjectStoreUnavailable(
-                    what, f"stream {self.stream} does not allow per-message TTLs; start any "
-                          "jetfleet component once so it applies the topology") from None
-            raise ObjectStoreUnavailable(what, f"the server refused its meta record: "
-                                               f"{exc.description}") from None
+            if raw:
+                raise
+            raise self._meta_refused(exc, what) from None
         except (nats.errors.Error, TimeoutError) as exc:
             raise ObjectStoreUnavailable(what, f"writing its meta record failed: {exc!r}") from exc
+
+    def _meta_refused(self, exc: BadRequestError, what: str) -> ObjectError:
+        if exc.err_code == 10166:
+            return ObjectStoreUnavailable(
+                what, f"stream {self.stream} does not allow per-message TTLs; start any "
+                      "jetfleet component once so it applies the topology")
+        return ObjectStoreUnavailable(what, f"the server refused its meta record: "
+                                            f"{exc.description}")
 
     async def _purge(self, subject: str) -> None:
         await asyncio.wait_for(self.bus.js.purge_stream(self.stream, subject=subject),
@@ -219,6 +245,11 @@ class ObjectStore:
     # ---- meta --------------------------------------------------------------------------------
 
     async def _meta_or_none(self, name: str, what: str) -> ObjectMeta | None:
+        return (await self._meta_and_seq(name, what))[0]
+
+    async def _meta_and_seq(self, name: str, what: str) -> tuple[ObjectMeta | None, int]:
+        """The meta record of `name` (None if there is none) and its stream
+        sequence (0 if none): what a replacing write compares against."""
         try:
             msg = await asyncio.wait_for(
                 self.bus.js.get_last_msg(self.stream, self._meta_subject(name)), self.stall_s)
@@ -226,11 +257,11 @@ class ObjectStore:
             if exc.err_code == 10059:  # stream not found, as opposed to no message
                 raise ObjectStoreUnavailable(what, f"no object store {self.bucket!r} on this "
                                                    "server") from None
-            return None
+            return None, 0
         except (nats.errors.Error, TimeoutError) as exc:
             raise ObjectStoreUnavailable(what, f"reading its meta record failed: {exc!r}") from exc
         try:
-            return msgspec.json.decode(msg.data or b"", type=ObjectMeta)
+            return msgspec.json.decode(msg.data or b"", type=ObjectMeta), msg.seq or 0
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise ObjectCorrupt(what, f"its meta record is unreadable ({exc})") from None
 
@@ -247,8 +278,13 @@ class ObjectStore:
         return r
 
     async def _resolve(self, r: ObjRef) -> ObjectMeta:
+        return (await self._resolve_seq(r))[0]
+
+    async def _resolve_seq(self, r: ObjRef) -> tuple[ObjectMeta, int]:
+        """The live object a ref names, and its meta record's stream sequence;
+        every refusal of a read is here."""
         what = _what(r)
-        meta = await self._meta_or_none(r.name, what)
+        meta, seq = await self._meta_and_seq(r.name, what)
         if meta is None or meta.deleted:
             raise ObjectNotFound(what, "not found" if meta is None else "not found (it was deleted)")
         if meta.expired(time.time()):
@@ -263,7 +299,7 @@ class ObjectStore:
         if not r.digest and r.size and r.size != meta.size:
             raise ObjectChanged(what, f"was replaced since the ref was made (ref size "
                                       f"{r.size}, now {meta.size})")
-        return meta
+        return meta, seq
 
     # ---- get -----------------------------------------------------------------------------------
 
@@ -362,14 +398,24 @@ class ObjectStore:
         """Delete the object (a `deleted` meta record, as every client writes,
         then its chunks). ObjectNotFound if there is none."""
         r = self._ref(ref)
-        meta = await self._resolve(r)
-        marker = ObjectMeta(name=meta.name, bucket=self.bucket, nuid=meta.nuid, deleted=True,
-                            mtime=rfc3339(time.time()))
-        try:
-            await self._publish_meta(marker, {"Nats-Rollup": "sub"}, _what(r))
-        finally:
+        what = _what(r)
+        for _ in range(20):
+            meta, seq = await self._resolve_seq(r)
+            marker = ObjectMeta(name=meta.name, bucket=self.bucket, nuid=meta.nuid,
+                                deleted=True, mtime=rfc3339(time.time()))
+            try:
+                # Only over the record just read: a put racing in is not deleted blind.
+                await self._publish_meta(marker, {"Nats-Rollup": "sub",
+                                                  "Nats-Expected-Last-Subject-Sequence": str(seq)},
+                                         what, raw=True)
+            except BadRequestError as exc:
+                if exc.err_code == 10071:
+                    continue
+                raise self._meta_refused(exc, what) from None
             with contextlib.suppress(Exception):
                 await self._purge(self._chunk_subject(meta.nuid))
+            return
+        raise ObjectStoreUnavailable(what, "too many writers raced while deleting it")
 
     async def list(self) -> list[ObjectMeta]:
         """Every live object (not deleted, not expired), by name."""

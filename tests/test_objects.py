@@ -388,6 +388,22 @@ async def test_many_transfers_at_once_on_one_connection(bus):
     assert got == datas
 
 
+async def test_puts_of_one_name_racing_leave_only_the_winners_chunks(bus):
+    """Each put replaces the record it read (compare-and-set) and purges exactly
+    the chunks it replaced: no orphan chunks, whoever wins."""
+    stores = [ObjectStore(bus, chunk_size=CHUNK) for _ in range(5)]
+    datas = [blob(3 * CHUNK + i, seed=40 + i) for i in range(5)]
+    before = (await stream_state(bus)).state.messages
+    refs = await asyncio.gather(*(s.put(d, name="contested") for s, d in zip(stores, datas)))
+    meta = await stores[0].info("contested")
+    winner = [r for r in refs if r.digest == meta.digest]
+    assert len(winner) == 1
+    assert await stores[0].get("contested") == datas[refs.index(winner[0])]
+    # One meta record and the winner's four chunks are all that is left.
+    await eventually(lambda: _messages_are(bus, before + 1 + 4), what="losers purged")
+    assert await chunk_seqs_of(bus, meta.nuid) == 4
+
+
 async def test_a_server_that_goes_away_is_an_error_not_a_hang(settings, nats_server):
     bus = await connect(settings, name="doomed")
     try:
