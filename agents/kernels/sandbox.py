@@ -6,8 +6,9 @@ the trusted end of its channel. A watchdog thread enforces, for the sandbox as
 a whole:
 
 - the wall-clock limit;
-- memory: resident memory of all its processes, plus (namespaces) what its
-  private tmpfs mounts and its open memfds hold, against `memory_mb`;
+- memory: resident memory of all its processes (each shared page counted
+  once), plus (namespaces) what its private tmpfs mounts and its open memfds
+  hold, against `memory_mb`;
 - the number of processes (namespaces also get RLIMIT_NPROC on their own
   outer uid, which the kernel enforces at fork time).
 
@@ -288,6 +289,10 @@ class Sandbox:
         for p in procs:
             with contextlib.suppress(psutil.Error):
                 total += p.memory_info().rss
+        if total > self.limits.memory_mb * _MB and len(procs) > 1:
+            # Forked processes share their pages, which RSS counts once per process:
+            # before calling it a breach, count each page once (PSS).
+            total = float(sum(_pss(p.pid) for p in procs))
         if self.level == "namespaces" and self.init_pid:
             for mount in ("tmp", "dev/shm"):
                 with contextlib.suppress(OSError):
@@ -531,6 +536,18 @@ def _marked(root: int, marker: str, started: float) -> list[psutil.Process]:
                 if child.status() != psutil.STATUS_ZOMBIE:
                     found.setdefault(child.pid, child)
     return list(found.values())
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size in bytes (shared pages divided among their users)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _memfd_bytes(procs: Iterable[psutil.Process]) -> int:

@@ -129,3 +129,17 @@ def assert_no_secret(outcome: KernelOutcome, secret: str) -> None:
 def run(problem: ProblemInfo, candidate: str, kind: str = "verify", **kw: Any) -> KernelOutcome:
     opts: dict[str, Any] = {"trials": 2, **FAST, **kw}
     return evaluate_mod.evaluate(kind, problem.reference_source, candidate, **opts)  # type: ignore[arg-type]
+
+
+def hostile(problem: ProblemInfo, body: str, header: str = "", init: str = "") -> str:
+    """The softmax candidate with `body` as forward, `header` on top and `init`
+    (8-space indented) run in ModelNew.__init__."""
+    src = with_forward(problem, body, header="import torch\nimport triton\nimport triton.language as tl\n" + header)
+    if init:
+        src = src.replace("        super().__init__()\n", "        super().__init__()\n" + init, 1)
+        assert init in src
+    return src
+
+
+# The honest result, from the real kernel, for candidates that cheat elsewhere.
+HONEST = LAUNCH + "        return out.view(x.shape)\n"
