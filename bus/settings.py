@@ -12,6 +12,32 @@ from dataclasses import dataclass, fields
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
+# One line each, for `jetfleet config init` and error messages.
+HELP: dict[str, str] = {
+    "nats_url": "NATS server URL(s), comma-separated",
+    "nats_creds": "NATS credentials file (.creds) for a secured server",
+    "nats_tls_ca": "CA certificate to verify the server's TLS certificate",
+    "nats_tls_cert": "client TLS certificate (mutual TLS)",
+    "nats_tls_key": "client TLS key (mutual TLS)",
+    "connect_timeout_s": "a first connect that finds no server fails after this many seconds",
+    "lease_ttl_s": "seconds a device lease lives unless renewed (a dead holder's frees then)",
+    "advert_ttl_s": "seconds a worker's capability advert lives unless renewed",
+    "work_ack_wait_s": "seconds a work message may go unacknowledged before redelivery "
+                       "(a dead worker's job restarts within about this)",
+    "work_max_deliver": "deliveries of one work message before it is dead-lettered",
+    "submit_ack_wait_s": "seconds a submission may go unacknowledged by a dispatcher",
+    "duplicate_window_s": "seconds within which a repeated Nats-Msg-Id is dropped",
+    "events_max_age_s": "seconds the EVENTS stream keeps events",
+    "events_max_bytes": "bytes the EVENTS stream keeps",
+    "telemetry_max_age_s": "seconds the TELEMETRY stream keeps samples",
+    "telemetry_max_bytes": "bytes the TELEMETRY stream keeps",
+    "dead_max_age_s": "seconds the DEAD stream keeps dead letters",
+    "jobs_history": "revisions KV jobs keeps per job",
+    "max_payload_bytes": "largest submission accepted (bigger inputs go in the object store)",
+    "max_object_bytes": "largest object a put accepts",
+    "replicas": "stream, bucket and object store replicas (3 on a three-node cluster)",
+}
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -41,6 +67,10 @@ class Settings:
     # The largest object a put accepts (JETFLEET_MAX_OBJECT_BYTES); bigger ones are refused.
     max_object_bytes: int = 4 << 30
     replicas: int = 1
+
+    @staticmethod
+    def env_name(field: str) -> str:
+        return f"JETFLEET_{field.upper()}"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:

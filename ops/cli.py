@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ops.commands import COMMAND_MODULES
@@ -23,8 +24,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        from ops.config import apply
+
+        apply(parser, args.config)  # the file's options become defaults; flags still win
+        args = parser.parse_args(argv)
+        # Children `jetfleet up` starts read the same file.
+        os.environ["JETFLEET_CONFIG"] = os.path.abspath(args.config)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = _parse(argv)
+    except UserError as exc:
+        print(f"jetfleet: {exc}", file=sys.stderr)
+        return exc.code
     from bus import tracing
     from bus.connection import ConnectError
     from bus.server import ServerError

@@ -153,6 +153,8 @@ class Pipeline:
         if spec is None or not serves([spec.advert()], item.capability):
             return Delegated("this worker does not serve the job's labels")
         if not self.w.inventory.can_ever_fit(att.resources):
+            if state.state == "unschedulable":
+                return Busy(30.0)  # the dispatcher said so already: no bouncing, no noise
             return Delegated("this worker's devices can never hold the job's resources "
                              f"({describe(att.resources)})")
         if state.cancel_requested:

@@ -32,7 +32,7 @@ from agents.worker.middleware.progress import ProgressReports
 from agents.worker.middleware.retries import RetryPolicy
 from agents.worker.middleware.timelimit import TimeLimit
 from agents.worker.middleware.tracing import Tracing
-from agents.worker.pipeline import Pipeline
+from agents.worker.pipeline import Pipeline, describe
 from agents.worker.settle import Settler
 from bus import topology
 from bus.adverts import list_adverts, put_advert, remove_advert
@@ -75,6 +75,14 @@ class Worker:
         self.specs: dict[str, CapabilitySpec] = dict(app.capabilities)
         self.inventory = inventory or Inventory(node=node_name(), gpus=[], slots_per_gpu=1,
                                                 cpu_slots=[])
+        # Capabilities whose declared devices this worker can never hold: still
+        # advertised (so placement can say why nobody runs them), never taken.
+        self.unservable = {t for t, spec in self.specs.items()
+                           if not self.inventory.can_ever_fit(spec.resources)}
+        for t in sorted(self.unservable):
+            log.warning("capability %s declares %s, more than this worker's devices can "
+                        "ever hold: advertised, but its jobs are left to others", t,
+                        describe(self.specs[t].resources))
         self.node = self.inventory.node
         self.worker_id = worker_id or (control.instance if control else None) or (
             f"w-{self.node}-{os.getpid()}-{random.randrange(16**4):04x}")
@@ -100,7 +108,9 @@ class Worker:
                              lease_wait_s if lease_wait_s is not None
                              else 2 * bus.settings.lease_ttl_s,
                              stopping=self._stopping.is_set, on_wait_change=self._wake)
-        self.intake = Intake(bus, self.specs, self._process, capacity=self.capacity,
+        self.intake = Intake(bus, {t: spec for t, spec in self.specs.items()
+                                   if t not in self.unservable},
+                             self._process, capacity=self.capacity,
                              cheap_capacity=cheap_capacity,
                              starvation_after_s=starvation_after_s, poll_s=poll_s,
                              held=lambda: self.leases.waiting > 0,
@@ -195,7 +205,7 @@ class Worker:
     # ---- life ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        for ctype in self.specs:
+        for ctype in self.intake.specs:
             for prio in topology.PRIORITIES:
                 await topology.ensure_consumer(
                     self.bus.js, topology.WORK,

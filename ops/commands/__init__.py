@@ -6,6 +6,7 @@ A new area adds its module here (and nothing else in ops/cli.py changes).
 COMMAND_MODULES = (
     "ops.commands.jobs",
     "ops.commands.fleet",
+    "ops.commands.config",
     "ops.commands.objects",
     "ops.commands.resources",
     "ops.commands.query",

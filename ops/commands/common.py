@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -37,6 +38,10 @@ def add_global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
                         "else nats://127.0.0.1:4222)")
     p.add_argument("--json", action="store_true", default=default(False),
                    help="print machine-readable JSON (listings print a JSON list)")
+    p.add_argument("--config", metavar="FILE",
+                   default=default(os.environ.get("JETFLEET_CONFIG") if top else None),
+                   help="read settings and options from FILE (TOML; see `jetfleet config "
+                        "init`); flags and JETFLEET_* variables win (default $JETFLEET_CONFIG)")
     p.add_argument("--connect-timeout", metavar="S", type=float,
                    default=default(DEFAULT_CONNECT_TIMEOUT),
                    help="give up when no server answers within S seconds (default 5)")
