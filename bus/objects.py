@@ -70,7 +70,7 @@ __all__ = [
 
 # Chunk size: measured with `jetfleet bench objects` (docs/objects.md); within
 # the embedded server's max_payload of 8 MiB.
-DEFAULT_CHUNK_SIZE = 1 << 20
+DEFAULT_CHUNK_SIZE = 512 << 10
 # Names every client takes (nats-py validates keys with this pattern).
 NAME_RE = re.compile(r"^[-/_=.a-zA-Z0-9]{1,1024}$")
 # Chunks of an object with a TTL live this much longer than its meta record,

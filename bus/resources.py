@@ -112,6 +112,7 @@ class ResourceStore:
         self.poll_s = poll_s
         self.max_tries = max_tries
         self.reads: dict[str, list[int]] = {}
+        self._keep: int | None = None  # versions the bucket keeps per name
 
     async def _kv(self) -> KeyValue:
         try:
@@ -196,9 +197,9 @@ class ResourceStore:
     async def _falling_out(self, kv: KeyValue, name: str) -> ResourceVersion | None:
         """The version this put pushes out of the bucket's history, if any."""
         history = await self._history(kv, name)
-        status = await kv.status()
-        keep = status.history if status.history else 1
-        return history[0] if len(history) >= keep else None
+        if self._keep is None:
+            self._keep = (await kv.status()).history or 1
+        return history[0] if len(history) >= self._keep else None
 
     # ---- read ------------------------------------------------------------------------------
 
