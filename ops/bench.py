@@ -15,6 +15,8 @@ BENCHES: dict[str, str] = {
     "kernels": "ops.bench_kernels",
     "query": "ops.bench_query",
     "objects": "ops.bench_objects",
+    "agent": "ops.bench_agent",
+    "monitor": "ops.bench_monitor",
 }
 
 

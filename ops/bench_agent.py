@@ -126,7 +126,7 @@ def main(args: argparse.Namespace) -> int:
                 agent_found.clear()
                 agent_found.update(r.pid for r in result.refs)
 
-            rows = []
+            rows: list[tuple[str, float, list[float], int]] = []
             for name, fn, found in (("bare psutil scan", baseline, base_found),
                                     ("jetfleet agent cycle", agent, agent_found)):
                 first, steady = _measure(fn, args.agent_cycles)
@@ -141,8 +141,8 @@ def main(args: argparse.Namespace) -> int:
           f"{os.cpu_count()} cores\n")
     print("| path | jobs found | first cycle ms | steady p50 ms | steady p99 ms |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for name, first, steady, found in rows:
-        print(f"| {name} | {found} | {first * 1e3:.2f} | {statistics.median(steady) * 1e3:.2f} "
+    for name, first, steady, jobs in rows:
+        print(f"| {name} | {jobs} | {first * 1e3:.2f} | {statistics.median(steady) * 1e3:.2f} "
               f"| {percentile(steady, 0.99) * 1e3:.2f} |")
     base, mine = statistics.median(rows[0][2]), statistics.median(rows[1][2])
     print(f"\nsteady cycle: jetfleet {mine * 1e3:.2f} ms vs bare scan {base * 1e3:.2f} ms "
