@@ -71,20 +71,28 @@ def ago(ts: float | None) -> str:
 
 def table(title: str, columns: list[str], rows: list[list[str]], *,
           keep: tuple[str, ...] = ()) -> None:
-    """A rich table; columns named in `keep` (ids) are never cut or wrapped."""
+    """A table; columns named in `keep` (ids) are never cut: when they cannot fit
+    the terminal beside the others, each row prints as one plain line instead."""
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()
+    widths = {c: max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)}
+    needed = sum(widths[c] for c in keep) + 4 * len(columns) + 6 * (len(columns) - len(keep))
+    if rows and needed > console.width:
+        print(f"{title}: {'  '.join(columns)}")
+        for r in rows:
+            print("  ".join(r))
+        return
     t = Table(title=title)
     for c in columns:
         if c in keep:
-            t.add_column(c, no_wrap=True, overflow="fold", min_width=max(
-                [len(c), *(len(r[columns.index(c)]) for r in rows)]))
+            t.add_column(c, no_wrap=True, min_width=widths[c])
         else:
             t.add_column(c, overflow="ellipsis")
     for r in rows:
         t.add_row(*r)
-    Console().print(t)
+    console.print(t)
 
 
 def parse_kv(items: list[str] | None, what: str) -> dict[str, str]:
