@@ -82,6 +82,8 @@ class Bus:
         if msg_id:
             hdrs["Nats-Msg-Id"] = msg_id
         body = message if isinstance(message, bytes) else codec.encode(message)
+        if not tracing.enabled():
+            return await self.js.publish(subject, body, headers=hdrs or None, timeout=timeout)
         with tracing.span(f"publish {subject.split('.')[0]}", kind=SpanKind.PRODUCER,
                           attributes=tracing.messaging_attrs(subject, "publish", msg_id)):
             tracing.inject(hdrs)

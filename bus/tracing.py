@@ -30,6 +30,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.trace import SpanKind
 
 _configured = False
+_enabled = False
 
 
 class JsonlSpanExporter(SpanExporter):
@@ -64,7 +65,7 @@ class JsonlSpanExporter(SpanExporter):
 
 def setup(service_name: str, exporter: str | None = None) -> None:
     """Install the tracer provider once per process."""
-    global _configured
+    global _configured, _enabled
     if _configured:
         return
     _configured = True
@@ -90,6 +91,13 @@ def setup(service_name: str, exporter: str | None = None) -> None:
     else:
         raise ValueError(f"JETFLEET_OTEL_EXPORTER={choice!r}: use none, console, otlp or jsonl:<path>")
     trace.set_tracer_provider(provider)
+    _enabled = True
+
+
+def enabled() -> bool:
+    """Whether spans are recorded (an exporter is set); when not, nothing is
+    created or injected per message."""
+    return _enabled
 
 
 def shutdown() -> None:
@@ -121,6 +129,9 @@ def span(
     attributes: dict[str, Any] | None = None,
 ) -> Iterator[trace.Span]:
     """A span, parented on the trace context in `headers` when given."""
+    if not _enabled:
+        yield trace.INVALID_SPAN
+        return
     ctx = extract(headers) if headers is not None else None
     with tracer().start_as_current_span(name, context=ctx, kind=kind,
                                         attributes=attributes or {}) as s:

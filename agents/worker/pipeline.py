@@ -69,6 +69,11 @@ class Pipeline:
         self.others_serve = others_serve
         self._bg: set[asyncio.Task[Any]] = set()
 
+    def _with(self, hook: str) -> list[Middleware]:
+        """The pieces that implement `hook` (the others are skipped, not awaited)."""
+        base = getattr(Middleware, hook)
+        return [m for m in self.middleware if getattr(type(m), hook) is not base]
+
     async def process(self, d: Delivery[WorkItem]) -> None:
         spec = self.w.specs.get(d.data.capability.get("type", ""))
         att = Attempt(delivery=d, spec=spec,
@@ -77,7 +82,7 @@ class Pipeline:
                       cancel_grace_s=self.w.cancel_grace_s)
         outcome: Outcome | None = None
         async with contextlib.AsyncExitStack() as stack:
-            for m in self.middleware:
+            for m in self._with("around"):
                 await stack.enter_async_context(m.around(att))
             try:
                 outcome = await self._run(att)
@@ -94,7 +99,7 @@ class Pipeline:
                 with contextlib.suppress(Exception):
                     await d.nak(delay)
             finally:
-                for m in reversed(self.middleware):
+                for m in reversed(self._with("after_attempt")):
                     try:
                         await m.after_attempt(att, outcome)
                     except Exception:
@@ -104,7 +109,7 @@ class Pipeline:
         refused = await self._admit(att, fresh=False)
         if refused is not None:
             return refused
-        for m in self.middleware:
+        for m in self._with("before_start"):
             early = await m.before_start(att)
             if early is not None:
                 return early
@@ -127,10 +132,10 @@ class Pipeline:
             # number runs again elsewhere and must have its own running event.
             event_id=f"{att.job_id}.{att.number}.running.{self.w.worker_id}."
                      f"{att.delivery.num_delivered}"))))
-        for m in self.middleware:
+        for m in self._with("after_start"):
             await m.after_start(att)
         outcome = await att.invoke()
-        for m in reversed(self.middleware):
+        for m in reversed(self._with("after_invoke")):
             outcome = await m.after_invoke(att, outcome)
         return outcome
 

@@ -34,7 +34,7 @@ from agents.worker.middleware.timelimit import TimeLimit
 from agents.worker.middleware.tracing import Tracing
 from agents.worker.pipeline import Pipeline, describe
 from agents.worker.settle import Settler
-from bus import topology
+from bus import topology, tracing
 from bus.adverts import list_adverts, put_advert, remove_advert
 from bus.connection import Bus
 from bus.control import ControlService
@@ -125,8 +125,9 @@ class Worker:
 
     def default_middleware(self) -> list[Middleware]:
         """The composition, outermost first: each piece is one module of middleware/."""
+        tracer: list[Middleware] = [Tracing(self.worker_id)] if tracing.enabled() else []
         return [
-            Tracing(self.worker_id),
+            *tracer,
             self.registry,
             self.leases,
             TimeLimit(),
