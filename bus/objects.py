@@ -359,9 +359,8 @@ class ObjectStore:
         return out
 
     async def _into_file(self, meta: ObjectMeta, what: str, target: Path) -> None:
-        part = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
+        part = _PartFile(target)
         loop = asyncio.get_running_loop()
-        f = await asyncio.to_thread(open, part, "wb")
         chunks = self._chunks(meta, what)
         writing: asyncio.Future[int] | None = None
         try:
@@ -369,18 +368,15 @@ class ObjectStore:
             async for chunk in chunks:
                 if writing is not None:
                     await writing
-                writing = loop.run_in_executor(None, f.write, chunk)
+                writing = loop.run_in_executor(None, part.f.write, chunk)
             if writing is not None:
                 await writing
-            await asyncio.to_thread(f.close)
-            await asyncio.to_thread(os.replace, part, target)
+            part.commit()
         except BaseException:
             if writing is not None:
                 with contextlib.suppress(BaseException):
                     await asyncio.shield(writing)
-            f.close()
-            with contextlib.suppress(OSError):
-                part.unlink()
+            part.abort()
             raise
         finally:
             await chunks.aclose()
@@ -507,6 +503,26 @@ class ObjectReader:
     async def close(self) -> None:
         if self._chunks is not None:
             await self._chunks.aclose()
+
+
+class _PartFile:
+    """A file written beside its target and renamed over it once complete.
+    Opening, closing and renaming are quick metadata calls: done in place
+    (only the writes go to a thread)."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.path = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
+        self.f = self.path.open("wb")
+
+    def commit(self) -> None:
+        self.f.close()
+        os.replace(self.path, self.target)
+
+    def abort(self) -> None:
+        self.f.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
 
 
 def _ttl_seconds(ttl: float | None, what: str) -> int:
