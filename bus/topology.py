@@ -125,12 +125,6 @@ def dead_subject(stream: str) -> str:
     return f"dead.{stream.lower()}"
 
 
-def query_consumer(instance: str, stream: str, generation: int = 1) -> str:
-    """A query service's own (ephemeral, ack-less) consumer of EVENTS or TELEMETRY:
-    each replica reads the streams at its own pace into its own projection."""
-    return f"query-{instance}-{stream.lower()}-{generation}"
-
-
 def service_info(component: str) -> str:
     """`nats micro` INFO subject of every running instance of a component: how a
     client finds, say, a running query API without knowing its instance."""

@@ -373,12 +373,14 @@ async def test_downsampling_keeps_averages_and_drops_what_is_past_retention(tmp_
         now = 1_000_800.0
         batch = Batch()
         # 4 h of samples every 15 s at alternating 0 / 100 %; one sample 40 days old.
+        def add(seq: int, ts: float, util: float) -> None:
+            batch.add(topology.TELEMETRY, seq, topology.telemetry("n", "gpu"),
+                      msgspec.json.encode(GpuMetrics(node="n", ts=ts, gpus=[
+                          GpuSample(index=0, gpu_util_pct=util)])), None)
+
         for i in range(4 * 240):
-            ts = now - 4 * 3600 + 15 * i
-            batch._gpu(GpuMetrics(node="n", ts=ts, gpus=[
-                GpuSample(index=0, gpu_util_pct=100.0 * (i % 2))]))
-        batch._gpu(GpuMetrics(node="n", ts=now - 40 * 86400,
-                              gpus=[GpuSample(index=0, gpu_util_pct=5.0)]))
+            add(i + 1, now - 4 * 3600 + 15 * i, 100.0 * (i % 2))
+        add(10_000, now - 40 * 86400, 5.0)
         p.apply(batch)
         cur = p.reader()
         before = cur.execute("SELECT count(*), avg(gpu_util_pct) FROM gpu_metrics "

@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import nats.errors
 from nats.aio.msg import Msg
 from nats.js import api as js_api
 
@@ -34,6 +33,21 @@ from .writer import Projection
 log = logging.getLogger(__name__)
 
 STREAMS = (topology.EVENTS, topology.TELEMETRY)
+_SUBJECTS = {topology.EVENTS: topology.EVENTS_ALL, topology.TELEMETRY: topology.TELEMETRY_ALL}
+
+
+def _position(msg: Msg) -> tuple[int, float | None, int]:
+    """(stream sequence, stream time in s, messages pending) from the reply subject:
+    `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>`, or the
+    newer form with domain and account; parsed by hand, as this runs per message."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9:
+        return int(tokens[5]), int(tokens[7]) / 1e9, int(tokens[8])
+    if len(tokens) >= 11:
+        return int(tokens[7]), int(tokens[9]) / 1e9, int(tokens[10])
+    meta = msg.metadata
+    ts = meta.timestamp.timestamp() if meta.timestamp else None
+    return int(meta.sequence.stream), ts, int(meta.num_pending)
 
 
 @dataclass
@@ -57,14 +71,13 @@ class IngestStats:
 
 class Ingest:
     def __init__(self, bus: Bus, projection: Projection, *, instance: str,
-                 max_rows: int = 20_000, max_delay_s: float = 0.25, fetch_batch: int = 1000,
+                 max_rows: int = 20_000, max_delay_s: float = 0.25,
                  on_flush: Callable[[Batch], None] | None = None) -> None:
         self.bus = bus
         self.projection = projection
         self.instance = instance
         self.max_rows = max_rows
         self.max_delay_s = max_delay_s
-        self.fetch_batch = fetch_batch
         self.on_flush = on_flush
         self.streams = {s: StreamState(s) for s in STREAMS}
         self.stats = IngestStats()
@@ -124,59 +137,58 @@ class Ingest:
 
     # ---- reading ----------------------------------------------------------------------------
 
-    async def _consumer(self, stream: str, start: int) -> Any:
-        name = topology.query_consumer(self.instance, stream, self._generation)
-        with contextlib.suppress(Exception):
-            await self.bus.js.delete_consumer(stream, name)
+    async def _subscribe(self, stream: str, start: int, generation: int) -> Any:
+        st = self.streams[stream]
+
+        async def on_message(msg: Msg) -> None:
+            if generation != self._generation:
+                return
+            self._take(st, msg)
+            if not self._room.is_set():
+                await self._room.wait()  # back-pressure: the server holds the rest
+
         cfg = js_api.ConsumerConfig(
-            name=name, ack_policy=js_api.AckPolicy.NONE, mem_storage=True, num_replicas=1,
+            description=f"query projection {self.instance}",
             deliver_policy=(js_api.DeliverPolicy.BY_START_SEQUENCE if start > 1
                             else js_api.DeliverPolicy.ALL),
             opt_start_seq=start if start > 1 else None,
             # Gone by itself once this process is.
-            inactive_threshold=60.0,
-        )
-        await self.bus.js.add_consumer(stream, cfg)
-        return await self.bus.js.pull_subscribe_bind(durable=None, stream=stream, name=name)
+            inactive_threshold=60.0)
+        return await self.bus.js.subscribe(_SUBJECTS[stream], stream=stream, cb=on_message,
+                                           ordered_consumer=True, config=cfg)
 
     async def _read(self, stream: str, generation: int) -> None:
+        """Keep an ordered consumer delivering from after what was taken. It is
+        re-created when it went quiet while the stream holds more (a server
+        restart forgets it) or when the connection gave up on it."""
         st = self.streams[stream]
         sub: Any = None
-        idle_since = time.monotonic()
-        while not self._stop.is_set():
-            try:
+        try:
+            while not self._stop.is_set():
                 if sub is None:
-                    sub = await self._consumer(stream, st.read + 1)
-                await self._room.wait()
-                msgs = await sub.fetch(batch=self.fetch_batch, timeout=1.0)
-            except (TimeoutError, nats.errors.TimeoutError):
-                if time.monotonic() - idle_since > 5.0:
-                    # Quiet for a while: make sure our consumer still exists
-                    # (a server restart forgets it) and nothing waits unread.
-                    idle_since = time.monotonic()
-                    if await self._behind(stream, st):
-                        await self._drop(sub)
-                        sub = None
-                continue
-            except asyncio.CancelledError:
-                await self._drop(sub)
-                raise
-            except Exception as exc:
-                log.warning("reading %s: %s; re-creating the consumer", stream, exc)
-                await self._drop(sub)
-                sub = None
-                await asyncio.sleep(0.5)
-                continue
-            if generation != self._generation:
-                return
-            idle_since = time.monotonic()
-            self._take(st, msgs)
+                    try:
+                        sub = await self._subscribe(stream, st.read + 1, generation)
+                    except Exception as exc:
+                        log.warning("subscribing to %s: %s; trying again", stream, exc)
+                        await asyncio.sleep(1.0)
+                        continue
+                    st.last_read_at = time.monotonic()
+                await asyncio.sleep(1.0)
+                quiet = time.monotonic() - st.last_read_at
+                if quiet > 5.0 and self._room.is_set() and await self._behind(stream, st):
+                    log.info("%s: consumer quiet for %.0fs with messages waiting; re-creating",
+                             stream, quiet)
+                    await self._drop(sub)
+                    sub = None
+                    st.last_read_at = time.monotonic()
+        finally:
+            await self._drop(sub)
 
     async def _behind(self, stream: str, st: StreamState) -> bool:
         try:
             info = await self.bus.js.stream_info(stream)
         except Exception:
-            return True
+            return False
         return int(info.state.last_seq) > st.read
 
     @staticmethod
@@ -184,24 +196,19 @@ class Ingest:
         if sub is not None:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        return None
 
-    def _take(self, st: StreamState, msgs: list[Msg]) -> None:
-        batch = self.batch
-        for msg in msgs:
-            meta = msg.metadata
-            seq = int(meta.sequence.stream)
-            if seq <= st.read:
-                continue  # already applied (a consumer re-created from an older point)
-            st.read, st.pending = seq, int(meta.num_pending)
-            ts = meta.timestamp.timestamp() if meta.timestamp else None
-            if self._oldest is None:
-                self._oldest = time.monotonic()
-            if ts is not None and (self._oldest_stream_ts is None or ts < self._oldest_stream_ts):
-                self._oldest_stream_ts = ts
-            batch.add(st.stream, seq, msg.subject, msg.data, ts)
+    def _take(self, st: StreamState, msg: Msg) -> None:
+        seq, ts, pending = _position(msg)
+        if seq <= st.read:
+            return  # already taken (a consumer re-created from an older point)
+        st.read, st.pending = seq, pending
         st.last_read_at = time.monotonic()
-        if batch.size >= self.max_rows * 4:
+        if self._oldest is None:
+            self._oldest = st.last_read_at
+        if ts is not None and (self._oldest_stream_ts is None or ts < self._oldest_stream_ts):
+            self._oldest_stream_ts = ts
+        self.batch.add(st.stream, seq, msg.subject, msg.data, ts)
+        if self.batch.size >= self.max_rows * 4:
             self._room.clear()  # back-pressure: the writer is behind
 
     # ---- flushing ---------------------------------------------------------------------------

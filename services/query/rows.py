@@ -46,10 +46,13 @@ class Batch:
     events: list[tuple[int, ev.JobEvent, str]] = field(default_factory=list)
     node_events: list[tuple[int, tm.NodeEvent, str]] = field(default_factory=list)
     heartbeats: dict[str, tm.Heartbeat] = field(default_factory=dict)
-    gpu: list[tuple[Any, ...]] = field(default_factory=list)
-    devices: dict[tuple[str, int], tuple[Any, ...]] = field(default_factory=dict)
-    gpu_procs: list[tuple[Any, ...]] = field(default_factory=list)
-    procs: list[tuple[Any, ...]] = field(default_factory=list)
+    # GPU and process metrics stay JSON (validated here): DuckDB unpacks them into
+    # rows far faster than Python builds tuples (see writer.METRICS_FROM_JSON).
+    gpu: list[tuple[int, str]] = field(default_factory=list)
+    procs: list[tuple[int, str]] = field(default_factory=list)
+    gpu_samples: int = 0
+    gpu_proc_samples: int = 0
+    proc_samples: int = 0
     # KV snapshots (None: not polled in this batch).
     workers: list[Any] | None = None
     leases: list[Any] | None = None
@@ -61,7 +64,7 @@ class Batch:
 
     @property
     def samples(self) -> int:
-        return len(self.gpu) + len(self.gpu_procs) + len(self.procs)
+        return self.gpu_samples + self.gpu_proc_samples + self.proc_samples
 
     @property
     def size(self) -> int:
@@ -98,9 +101,14 @@ class Batch:
         if subject.startswith(TELEMETRY_PREFIX):
             kind = subject.rsplit(".", 1)[-1]
             if kind == "gpu":
-                self._gpu(_gpu.decode(data))
+                g = _gpu.decode(data)
+                self.gpu.append((seq, data.decode()))
+                self.gpu_samples += len(g.gpus)
+                self.gpu_proc_samples += len(g.processes)
             elif kind == "procs":
-                self._procs(_procs.decode(data))
+                p = _procs.decode(data)
+                self.procs.append((seq, data.decode()))
+                self.proc_samples += len(p.processes)
             elif kind == "heartbeat":
                 hb = _heartbeat.decode(data)
                 self.heartbeats[hb.node] = hb
@@ -110,29 +118,6 @@ class Batch:
                 return False
             return True
         return False
-
-    def _gpu(self, m: tm.GpuMetrics) -> None:
-        ts, node, sim = m.ts, m.node, m.simulated
-        append = self.gpu.append
-        for g in m.gpus:
-            append((ts, node, g.index, g.uuid, g.gpu_util_pct, g.mem_copy_util_pct, g.fb_used_mb,
-                    g.fb_total_mb, g.power_w, g.gpu_temp_c, g.mem_temp_c, g.sm_clock_mhz,
-                    g.mem_clock_mhz, g.energy_mj, g.pcie_tx_kbps, g.pcie_rx_kbps,
-                    sim or g.simulated, 1))
-            self.devices[(node, g.index)] = (
-                node, g.index, g.uuid, g.name, ts, g.gpu_util_pct, g.fb_used_mb, g.fb_total_mb,
-                g.power_w, g.gpu_temp_c, sim or g.simulated)
-        proc = self.gpu_procs.append
-        for p in m.processes:
-            proc((ts, node, p.pid, p.gpu_index, p.job_id, p.used_memory_mb, p.sm_util_pct,
-                  p.mem_util_pct, 1))
-
-    def _procs(self, m: tm.ProcessMetrics) -> None:
-        ts, node = m.ts, m.node
-        append = self.procs.append
-        for p in m.processes:
-            append((ts, node, p.pid, p.job_id, p.cpu_percent, p.rss_mb, p.vms_mb, p.threads,
-                    p.open_files, p.gpu_memory_mb, 1))
 
 
 def columns(rows: list[tuple[Any, ...]], names: list[str]) -> dict[str, list[Any]]:

@@ -56,6 +56,47 @@ _SERIES = {"gpu_metrics": ("node", "gpu"), "gpu_process_metrics": ("node", "pid"
            "process_metrics": ("node", "pid")}
 
 
+def _json_type(fields: dict[str, Any]) -> str:
+    return json.dumps(fields, separators=(",", ":"))
+
+
+_F = "DOUBLE"
+_GPU_TYPE = _json_type({
+    "node": "VARCHAR", "ts": _F, "simulated": "BOOLEAN",
+    "gpus": [{"index": "INTEGER", "uuid": "VARCHAR", "name": "VARCHAR", "gpu_util_pct": _F,
+              "mem_copy_util_pct": _F, "fb_used_mb": _F, "fb_total_mb": _F, "power_w": _F,
+              "gpu_temp_c": _F, "mem_temp_c": _F, "sm_clock_mhz": _F, "mem_clock_mhz": _F,
+              "energy_mj": _F, "pcie_tx_kbps": _F, "pcie_rx_kbps": _F,
+              "simulated": "BOOLEAN"}],
+    "processes": [{"pid": "BIGINT", "gpu_index": "INTEGER", "job_id": "VARCHAR",
+                   "used_memory_mb": _F, "sm_util_pct": _F, "mem_util_pct": _F}]})
+_SIM = "coalesce(p.m.simulated, false) OR coalesce(g.simulated, false)"
+_GPU_SQL = (
+    "INSERT INTO gpu_metrics SELECT p.m.ts, p.m.node, g.index, g.uuid, g.gpu_util_pct, "
+    "g.mem_copy_util_pct, g.fb_used_mb, g.fb_total_mb, g.power_w, g.gpu_temp_c, g.mem_temp_c, "
+    f"g.sm_clock_mhz, g.mem_clock_mhz, g.energy_mj, g.pcie_tx_kbps, g.pcie_rx_kbps, {_SIM}, 1 "
+    "FROM parsed p, LATERAL (SELECT unnest(p.m.gpus) AS g) u",
+    "INSERT INTO gpu_process_metrics SELECT p.m.ts, p.m.node, x.pid, x.gpu_index, x.job_id, "
+    "x.used_memory_mb, x.sm_util_pct, x.mem_util_pct, 1 "
+    "FROM parsed p, LATERAL (SELECT unnest(p.m.processes) AS x) u",
+    # The latest sample of each device in this batch (stream order decides).
+    "INSERT OR REPLACE INTO devices SELECT p.m.node, g.index, g.uuid, g.name, p.m.ts, "
+    f"g.gpu_util_pct, g.fb_used_mb, g.fb_total_mb, g.power_w, g.gpu_temp_c, {_SIM} "
+    "FROM parsed p, LATERAL (SELECT unnest(p.m.gpus) AS g) u "
+    "QUALIFY row_number() OVER (PARTITION BY p.m.node, g.index ORDER BY p.seq DESC) = 1",
+)
+_PROCS_TYPE = _json_type({
+    "node": "VARCHAR", "ts": _F,
+    "processes": [{"pid": "BIGINT", "job_id": "VARCHAR", "cpu_percent": _F, "rss_mb": _F,
+                   "vms_mb": _F, "threads": "INTEGER", "open_files": "INTEGER",
+                   "gpu_memory_mb": _F}]})
+_PROCS_SQL = (
+    "INSERT INTO process_metrics SELECT p.m.ts, p.m.node, x.pid, x.job_id, x.cpu_percent, "
+    "x.rss_mb, x.vms_mb, x.threads, x.open_files, x.gpu_memory_mb, 1 "
+    "FROM parsed p, LATERAL (SELECT unnest(p.m.processes) AS x) u",
+)
+
+
 class Projection:
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -102,17 +143,31 @@ class Projection:
                 self._node_events(con, batch)
             if batch.heartbeats:
                 self._heartbeats(con, batch)
-            self._insert(con, tables.GPU_METRICS, batch.gpu)
-            self._insert(con, tables.GPU_PROCESS_METRICS, batch.gpu_procs)
-            self._insert(con, tables.PROCESS_METRICS, batch.procs)
-            if batch.devices:
-                self._upsert(con, tables.DEVICES, list(batch.devices.values()))
+            if batch.gpu:
+                self._from_json(con, batch.gpu, _GPU_TYPE, _GPU_SQL)
+            if batch.procs:
+                self._from_json(con, batch.procs, _PROCS_TYPE, _PROCS_SQL)
             self._snapshots(con, batch)
             self._positions(con, batch.positions)
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
             raise
+
+    @staticmethod
+    def _from_json(con: duckdb.DuckDBPyConnection, bodies: list[tuple[int, str]],
+                   json_type: str, statements: tuple[str, ...]) -> None:
+        """Unpack validated JSON messages into rows inside DuckDB (each parsed once)."""
+        import pyarrow as pa
+
+        seqs, texts = zip(*bodies, strict=True)
+        raw = pa.table({"seq": pa.array(seqs, pa.int64()),  # noqa: F841 (scanned by name)
+                        "body": pa.array(texts, pa.string())})
+        con.execute("CREATE OR REPLACE TEMP TABLE parsed AS "
+                    f"SELECT seq, from_json(body, '{json_type}') AS m FROM raw")
+        for sql in statements:
+            con.execute(sql)
+        con.execute("DROP TABLE parsed")
 
     @staticmethod
     def _insert(con: duckdb.DuckDBPyConnection, table: tables.Table,
