@@ -17,7 +17,7 @@ from agents.node.fleet import FleetSimulator
 from bus import codec, topology
 from bus.adverts import put_advert
 from bus.jobtable import JobTable
-from bus.leases import LeaseTable
+from bus.leases import Lease, LeaseLost, LeaseTable
 from schemas import lifecycle as lc
 from schemas.fleet import CapabilityAdvert
 from schemas.jobs import JobSubmission
@@ -89,13 +89,21 @@ async def _running_job(bus, job_id: str, node: str, worker: str, devices: list[s
     assert await table.transition(job_id, lc.start(1, worker, node, devices)) is not None
 
 
-async def _keep_advert(bus, worker: str, node: str, stop: asyncio.Event) -> None:
-    """A live worker's advert, renewed under the bucket TTL until `stop`."""
+async def _live_worker(bus, worker: str, node: str, lease: Lease, stop: asyncio.Event,
+                       lost: list[str]) -> None:
+    """What a live worker does: renew its advert and its lease under their TTLs,
+    until `stop`; a renewal refused (the lease was reclaimed) is noted in `lost`."""
+    leases = LeaseTable(bus, node)
     while not stop.is_set():
         await put_advert(bus, CapabilityAdvert(worker_id=worker, node=node, pid=os.getpid(),
                                                capabilities=[{"type": "held.elsewhere"}]))
+        if not lost:
+            try:
+                await leases.renew(lease)
+            except LeaseLost as exc:
+                lost.append(str(exc))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 1.0)
+            await asyncio.wait_for(stop.wait(), 0.8)
 
 
 async def _state(bus, job_id: str) -> dict:
@@ -124,7 +132,9 @@ async def test_a_silent_node_loses_its_jobs_and_leases_then_recovers_them(bus, p
     lease = await LeaseTable(bus, node.name).acquire(f"{node.name}.gpu0", "w-alive", "sub-1")
     assert lease is not None
     advert_stop = asyncio.Event()
-    advert = asyncio.create_task(_keep_advert(bus, "w-alive", node.name, advert_stop))
+    refused: list[str] = []
+    advert = asyncio.create_task(_live_worker(bus, "w-alive", node.name, lease, advert_stop,
+                                              refused))
     procs.run("monitor", "--lost-after", str(LOST_AFTER), name="monitor")
     try:
         await eventually(lambda: _has(bus, node.name, ["joined"]), timeout=20)
@@ -132,10 +142,14 @@ async def test_a_silent_node_loses_its_jobs_and_leases_then_recovers_them(bus, p
         last_beat = node.last_beat
         lost = await eventually(lambda: _event(bus, node.name, "lost"), timeout=15, interval=0.05)
         # Detection within --lost-after plus one heartbeat (and our polling and the bus).
-        assert lost["ts"] - (time.time() - (time.monotonic() - last_beat)) < LOST_AFTER + BEAT + 0.5
+        # (with a second of room for a busy machine; a monitor counting from anything
+        # but its last hearing, or waiting a second --lost-after, would miss it)
+        assert lost["ts"] - (time.time() - (time.monotonic() - last_beat)) < LOST_AFTER + BEAT + 1.0
         assert sorted(lost["jobs"]) == sorted([discovered, "sub-1", "sub-2"])
         assert lost["leases"] == [f"{node.name}.gpu0"]
         assert (await LeaseTable(bus).holders()) == {}
+        # The holder, still alive, learns it at its next renewal.
+        await eventually(lambda: refused, timeout=5, what="the reclaimed lease refused")
         for job_id in (discovered, "sub-1", "sub-2"):
             s = await _state(bus, job_id)
             assert s["state"] == "lost" and s["error"]["code"] == "worker_lost"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -18,11 +19,13 @@ import pytest
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from agents.node import AgentConfig, NodeAgent
 from agents.node.capture import CaptureLimits, RawProcess, capture, imports_of
 from agents.node.params import config_path, parse_params, split_entry
 from agents.node.patterns import JobPatterns, PatternError
 from agents.node.redact import REDACTED, capture_env, redact_argv, redact_text, secret_name
 from agents.node.scanner import Scanner, discovered_id, split_cmdline
+from agents.node.simulated import SimulatedGpus
 from bus import codec, topology
 from schemas.common import is_valid_id
 from schemas.telemetry import ProcessInfo
@@ -338,8 +341,10 @@ async def test_train_job_is_discovered_lost_with_its_node_recovered_and_ended(bu
         assert node_kinds == ["joined", "lost", "recovered"]
 
         _kill(train)
+        t_kill = time.monotonic()
         ended = await eventually(lambda: _state_is(bus, job_id, "ended"), timeout=15,
                                  what="the job ended after its process was killed")
+        assert time.monotonic() - t_kill < 2 * 0.5 + 1.5  # two intervals, and our polling
         assert ended["ended_at"] >= ended["started_at"]
         events = await job_events(bus, job_id)
         assert [e["kind"] for e in events] == ["discovered", "lost", "resumed", "ended"]
@@ -544,3 +549,42 @@ async def _gpu_job(bus, pid: int) -> str | None:
     job_id = discovered_id("tgpu", pid, psutil.Process(pid).create_time())
     s = await _state(bus, job_id)
     return job_id if s else None
+
+
+class _StuckGpus(SimulatedGpus):
+    """Simulated GPUs (they say so) whose sampling hangs, as a wedged driver call would."""
+
+    def sample(self, jobs=None):
+        time.sleep(3.0)
+        return super().sample(jobs)
+
+
+async def test_a_stuck_gpu_call_never_delays_the_heartbeat(bus, settings):
+    from bus.connection import connect
+
+    agent_bus = await connect(settings, name="agent")
+    agent = NodeAgent(agent_bus, AgentConfig(node="tstuck", heartbeat_s=0.2,
+                                             metrics_interval_s=0.5, simulate_gpus=1))
+    stopping = asyncio.Event()
+    task = asyncio.create_task(agent.run(stopping))
+    seen: list[tuple[float, dict]] = []
+
+    async def on(msg):
+        seen.append((time.monotonic(), json.loads(msg.data)))
+
+    sub = await bus.nc.subscribe(topology.telemetry("tstuck", "heartbeat"), cb=on)
+    try:
+        await eventually(lambda: len(seen) >= 3, timeout=20)
+        agent.backend = _StuckGpus("tstuck", 1)  # from the next cycle on, every sample hangs
+        start = len(seen)
+        await asyncio.sleep(3.5)
+        beats = seen[start:]
+        gaps = [b[0] - a[0] for a, b in itertools.pairwise(beats)]
+        # Every 0.2 s as before (with room for a busy machine), not once per 3 s stall.
+        assert len(beats) >= 8 and max(gaps) < 1.0, gaps
+        assert any((hb.get("sampling_late_s") or 0) > 0.5 for _, hb in beats)
+    finally:
+        await sub.unsubscribe()
+        stopping.set()
+        await asyncio.wait_for(task, 15)
+        await agent_bus.close()
