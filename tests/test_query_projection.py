@@ -62,7 +62,9 @@ async def test_submitted_jobs_appear_with_totals_and_details(settings, client, c
             p = (await api.get("/api/v1/jobs", params={"limit": 5, "offset": offset})).json()
             assert p["total"] == 23 and p["limit"] == 5 and p["offset"] == offset
             seen += [j["job_id"] for j in p["items"]]
-        assert sorted(seen) == sorted(ids)
+        assert seen == [j["job_id"] for j in page["items"]]  # deep pages read backwards
+        oldest = (await api.get("/api/v1/jobs", params={"limit": 5, "order": "asc"})).json()
+        assert [j["job_id"] for j in oldest["items"]] == seen[::-1][:5]
         far = (await api.get("/api/v1/jobs", params={"offset": 10**15})).json()
         assert far["items"] == [] and far["total"] == 23
 

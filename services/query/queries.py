@@ -73,12 +73,16 @@ class JobFilter:
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
-def list_jobs_sql(f: JobFilter, limit: int, offset: int, order: str = "desc"
-                  ) -> tuple[str, list[Any], str, list[Any]]:
+def list_jobs_sql(f: JobFilter, limit: int, offset: int, order: str = "desc",
+                  reverse: bool = False) -> tuple[str, list[Any], str, list[Any]]:
+    """The page and the count. `reverse` reads the page from the other end (the
+    caller flips the rows), which is how a page past the middle stays cheap."""
     where, params = f.where()
-    direction = "ASC" if order == "asc" else "DESC"
+    ascending = (order == "asc") != reverse
+    direction = "ASC" if ascending else "DESC"
+    nulls = "NULLS FIRST" if reverse else "NULLS LAST"
     page = (f"SELECT {_SELECT_SUMMARY} FROM jobs{where} "
-            f"ORDER BY submitted_at {direction} NULLS LAST, job_id {direction} LIMIT ? OFFSET ?")
+            f"ORDER BY submitted_at {direction} {nulls}, job_id {direction} LIMIT ? OFFSET ?")
     count = f"SELECT count(*) FROM jobs{where}"
     return page, [*params, limit, offset], count, params
 
@@ -92,10 +96,20 @@ def _summary(row: tuple[Any, ...]) -> m.JobSummary:
 
 def list_jobs(cur: Cursor, f: JobFilter, limit: int, offset: int, order: str = "desc"
               ) -> m.JobPage:
-    page, params, count, cparams = list_jobs_sql(f, limit, offset, order)
+    _, _, count, cparams = list_jobs_sql(f, limit, offset, order)
     total_row = cur.execute(count, cparams).fetchone()
     total = int(total_row[0]) if total_row else 0
-    rows = cur.execute(page, params).fetchall() if offset < total else []
+    rows: list[Any] = []
+    if offset < total:
+        if offset > total // 2:
+            # Deep pages: skipping most of a million rows costs a sort of all of
+            # them; counted from the other end the skip is the short way round.
+            n = min(limit, total - offset)
+            page, params, _, _ = list_jobs_sql(f, n, total - offset - n, order, reverse=True)
+            rows = cur.execute(page, params).fetchall()[::-1]
+        else:
+            page, params, _, _ = list_jobs_sql(f, limit, offset, order)
+            rows = cur.execute(page, params).fetchall()
     return m.JobPage(items=[_summary(r) for r in rows], total=total, limit=limit, offset=offset)
 
 
@@ -116,13 +130,11 @@ def job_detail(cur: Cursor, job_id: str, events_limit: int = 1000) -> m.JobDetai
                     "SELECT attempt, worker_id, node, devices, gpus, started_at, ended_at, "
                     "outcome, error_code, error_message FROM attempts WHERE job_id = ? "
                     "ORDER BY attempt", [job_id]).fetchall()]
-    total_row = cur.execute("SELECT count(*) FROM job_events WHERE job_id = ?",
-                            [job_id]).fetchone()
+    rows = cur.execute("SELECT seq, kind, ts, attempt, worker_id, body, count(*) OVER () "
+                       "FROM job_events WHERE job_id = ? ORDER BY seq LIMIT ?",
+                       [job_id, events_limit]).fetchall()
     events = [m.JobEventRecord(seq=e[0], kind=e[1], ts=e[2], attempt=e[3], worker_id=e[4],
-                               event=json.loads(e[5]))
-              for e in cur.execute(
-                  "SELECT seq, kind, ts, attempt, worker_id, body FROM job_events "
-                  "WHERE job_id = ? ORDER BY seq LIMIT ?", [job_id, events_limit]).fetchall()]
+                               event=json.loads(e[5])) for e in rows]
     capability = json.loads(d["capability"]) if d["capability"] else {}
     if process:
         parameters = dict(process.get("parameters") or {})
@@ -138,7 +150,13 @@ def job_detail(cur: Cursor, job_id: str, events_limit: int = 1000) -> m.JobDetai
         parameters=parameters, script=(process or {}).get("script"),
         code=(process or {}).get("code"), process=process,
         processes=json.loads(d["processes"]) if d["processes"] else [],
-        attempts=attempts, events=events, events_total=int(total_row[0]) if total_row else 0)
+        attempts=attempts, events=events, events_total=int(rows[0][6]) if rows else _count(
+            cur, "SELECT count(*) FROM job_events WHERE job_id = ?", [job_id]))
+
+
+def _count(cur: Cursor, sql: str, params: list[Any]) -> int:
+    row = cur.execute(sql, params).fetchone()
+    return int(row[0]) if row else 0
 
 
 def repr_col(c: str) -> str:

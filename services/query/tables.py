@@ -141,6 +141,7 @@ REPLAYED = tuple(t for t in ALL if t not in (WORKERS, LEASES))
 
 _INDEXES = (
     "CREATE INDEX IF NOT EXISTS job_events_job ON job_events (job_id)",
+    "CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_id)",
 )
 
 
