@@ -122,10 +122,9 @@ class Publisher:
             if done:
                 self._backoff = 0.0
             elif self.backlog:
-                # Failing: back off up to 5 s; a partial success keeps draining at once.
+                # Failing (the bus is away): back off up to 5 s; a new heartbeat
+                # still wakes a try at once, so the first one after an outage goes out.
                 self._backoff = min(5.0, max(0.5, self._backoff * 2))
-                if self.failures and time.monotonic() - self.last_ok < 1.0:
-                    self._wake.set()
 
     async def drain(self, timeout: float) -> None:
         """At shutdown: try to send what is queued, for at most `timeout` seconds."""

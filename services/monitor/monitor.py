@@ -151,9 +151,15 @@ class Monitor:
 
     async def _wait_ready(self) -> None:
         """Decide nothing before both buckets are replayed."""
+        started = time.monotonic()
+        said = False
         while not self._stopping.is_set():
             if self.states.mirror.ready.is_set() and self.index.mirror.ready.is_set():
                 return
+            if not said and time.monotonic() - started > 10:
+                said = True
+                log.info("monitor: still replaying KV node_states and jobs (%d jobs so far)",
+                         len(self.index.jobs))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), 0.05)
 
@@ -244,6 +250,10 @@ class Monitor:
                             simulated=heard.simulated)
         if await self.states.create(status) is None:
             return  # another monitor recorded it first
+        if heard.interval_s * 3 > self.lost_after:
+            log.warning("node %s heartbeats every %gs: --lost-after %gs leaves less than three "
+                        "heartbeats of margin, so a slow bus may look like a lost node", node,
+                        heard.interval_s, self.lost_after)
         await self._announce_joined(node, status, heard)
 
     async def _announce_joined(self, node: str, status: NodeStatus, heard: Heard | None) -> None:
