@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.kernels.evaluate import cuda_present, evaluate
+from agents.kernels.isolation import available
 from agents.kernels.library import load_problem
 from ops.benchkit import spawn, stop
 
@@ -179,6 +180,8 @@ def _measure(args: argparse.Namespace, n: int, tmp: Path) -> dict[str, Any]:
         "evaluations": n, "problems": list(PROBLEMS), "trials": TRIALS, "repeats": args.repeats,
         "device": f"{gpus} GPU(s)" if gpus else f"cpu, triton interpreter, {os.cpu_count()} cores",
         "slots": slots, "workers": workers,
+        # What the candidates ran under (docs/sandbox.md): the cost being measured.
+        "isolation": available().level,
     }
     # Warm-up: the first evaluation on a host fills Triton's and Python's caches.
     _direct(names[:1], 1, devices)
@@ -221,7 +224,8 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps({**res, "all_pass": all_pass}, indent=2))
         return 0 if all_pass else 1
     print(f"kernel benchmark: {n} kernel.verify evaluations ({TRIALS} trials; problems "
-          f"{', '.join(PROBLEMS)} in turn) on {res['device']}; median of {args.repeats} run(s)")
+          f"{', '.join(PROBLEMS)} in turn) on {res['device']}, isolation {res['isolation']}; "
+          f"median of {args.repeats} run(s)")
     print(f"{'path':<34}{'evals/min':>10}{'s/eval':>9}{'passed':>9}")
     labels = {
         "direct_sequential": "direct, sequential (1 process)",

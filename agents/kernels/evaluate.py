@@ -145,7 +145,7 @@ class _Evaluator:
         if sb is None:
             return True
         return kill_remains(sb.level, sb.pid, outer_ids=sb.outer_ids, marker=sb.marker,
-                            started_wall=sb.started_wall)
+                            started_wall=sb.started_wall, workdir=sb.workdir)
 
 
 def _await_verdict(sock: socket.socket, req: EvalRequest,

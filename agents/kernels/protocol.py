@@ -55,6 +55,8 @@ class SandboxUp(msgspec.Struct, tag="sandbox", kw_only=True):
     outer_ids: list[int] = msgspec.field(default_factory=list)
     marker: str = ""
     started_wall: float = 0.0
+    # Process level only: the host directory it works in.
+    workdir: str | None = None
 
 
 class Verdict(msgspec.Struct, tag="verdict", kw_only=True):

@@ -29,6 +29,7 @@ import collections
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -192,6 +193,7 @@ class Sandbox:
         self.marker = marker
         self.init_pid = init_pid
         self.outer = outer
+        self.workdir = workdir.name if workdir is not None else None
         self._tails = tails
         self._workdir = workdir
         self._t0 = time.monotonic()
@@ -250,8 +252,11 @@ class Sandbox:
                 Path(home, "tmp").mkdir()
                 argv = [sys.executable, "-I", "-B", "-u", "-c",
                         BOOT.format(root=str(isolation.project_root())), str(child.fileno())]
+                # It dies with the evaluator; its descendants are swept by marker.
+                setpriv = shutil.which("setpriv")
+                prefix = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
                 proc = subprocess.Popen(
-                    [sys.executable, "-c", _LAUNCHER, json.dumps(rlimits), *argv],
+                    [*prefix, sys.executable, "-c", _LAUNCHER, json.dumps(rlimits), *argv],
                     pass_fds=(child.fileno(),), cwd=home,
                     env=runner_env(level, home, devices, interpreted=interpreted, marker=marker),
                     stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w, start_new_session=True)
@@ -398,8 +403,17 @@ class Sandbox:
 
 
 def kill_remains(level: Level, pid: int, *, outer_ids: Sequence[int], marker: str,
-                 started_wall: float, wait_s: float = 10.0) -> bool:
+                 started_wall: float, workdir: str | None = None, wait_s: float = 10.0) -> bool:
     """From outside the evaluator: kill what is left of a sandbox; True when nothing is."""
+    try:
+        return _kill_remains(level, pid, outer_ids, marker, started_wall, wait_s)
+    finally:
+        if workdir and Path(workdir).name.startswith("jetfleet-kernel-"):
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _kill_remains(level: Level, pid: int, outer_ids: Sequence[int], marker: str,
+                  started_wall: float, wait_s: float) -> bool:
     deadline = time.monotonic() + wait_s
     while True:
         if level == "namespaces":
@@ -446,10 +460,13 @@ def _decode_status(level: Level, rc: int) -> tuple[int | None, int | None]:
 
 
 def _only_child(pid: int) -> int:
-    kids = psutil.Process(pid).children()
+    kids: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as fh:
+            kids.extend(int(c) for c in fh.read().split())
     if len(kids) != 1:
         raise OSError(f"expected one sandbox init under unshare, found {len(kids)}")
-    return kids[0].pid
+    return kids[0]
 
 
 def _signal_pid(pid: int) -> None:

@@ -37,6 +37,7 @@ import platform
 import signal
 import socket
 import sys
+from typing import Any, NoReturn
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -63,40 +64,41 @@ class SetupError(Exception):
     pass
 
 
-def _check(rc, what):
+def _check(rc: int, what: str) -> None:
     if rc != 0:
         err = ctypes.get_errno()
         raise SetupError(f"{what}: {os.strerror(err)}")
 
 
-def _b(s):
+def _b(s: str | None) -> bytes | None:
     return None if s is None else s.encode()
 
 
-def mount(source, target, fstype, flags, data=None):
+def mount(source: str | None, target: str, fstype: str | None, flags: int,
+          data: str | None = None) -> None:
     _check(_libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)),
            f"mount {source} on {target}")
 
 
-def bind(fd, target, *, recursive, device):
+def bind(fd: int, target: str, *, recursive: bool, device: bool) -> None:
     mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | (MS_REC if recursive else 0))
     flags = MS_REMOUNT | MS_BIND | MS_NOSUID | MS_RDONLY | (0 if device else MS_NODEV)
     mount(None, target, None, flags)
 
 
-def _syscall(table, *args):
+def _syscall(table: dict[str, int], *args: object) -> int:
     number = table.get(platform.machine())
     if number is None:
         raise SetupError(f"unsupported machine {platform.machine()}")
-    return _libc.syscall(number, *args)
+    return int(_libc.syscall(number, *args))
 
 
-def write(path, text):
+def write(path: str, text: str) -> None:
     with open(path, "w") as fh:
         fh.write(text)
 
 
-def build_root(cfg, sources):
+def build_root(cfg: dict[str, Any], sources: list[int]) -> None:
     root = STAGE
     mount("jetfleet-root", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=0755")
     for target, link in cfg["symlinks"]:
@@ -134,7 +136,7 @@ def build_root(cfg, sources):
     _check(_libc.sethostname(b"jetfleet-sandbox", 16), "sethostname")
 
 
-def drop_privileges(cfg):
+def drop_privileges(cfg: dict[str, Any]) -> None:
     """In the runner's child: from namespace root to an unprivileged id, no way back."""
     import resource
 
@@ -157,7 +159,7 @@ def drop_privileges(cfg):
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
 
 
-def run_child(cfg, channel_fd):
+def run_child(cfg: dict[str, Any], channel_fd: int) -> NoReturn:
     try:
         for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
@@ -171,7 +173,7 @@ def run_child(cfg, channel_fd):
     os._exit(SETUP_FAILED)
 
 
-def main():
+def main() -> None:
     cfg = json.loads(sys.argv[1])
     channel = socket.socket(fileno=cfg["channel_fd"])
     try:

@@ -197,8 +197,8 @@ class Evaluation:
             with torch.no_grad():
                 if timed and self.device.type == "cuda":
                     self.l2_buffer.zero_()
-                    start = torch.cuda.Event(enable_timing=True)
-                    end = torch.cuda.Event(enable_timing=True)
+                    start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+                    end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
                     start.record()
                     out = self.ref_model(*args)
                     end.record()
@@ -228,7 +228,7 @@ class Evaluation:
         sb = self.sandbox
         self.reply.send(protocol.SandboxUp(level=sb.level, pid=sb.proc.pid, init_pid=sb.init_pid,
                                            outer_ids=list(sb.outer or ()), marker=sb.marker,
-                                           started_wall=time.time()))
+                                           started_wall=time.time(), workdir=sb.workdir))
 
     def send(self, msg: msgspec.Struct, tensors: list[Any] | None = None) -> int:
         assert self.sock is not None
@@ -270,7 +270,8 @@ class Evaluation:
     def build_candidate(self) -> None:
         tensors: list[Any] = []
         tree = wire.pack_tree(copy.deepcopy(self.init), tensors)
-        self.send(wire.Setup(candidate_source=self.req.candidate_source, device=self.device.type,
+        self.send(wire.Setup(candidate_source=self.req.candidate_source,
+                             device="cpu" if self.interpreted else "cuda",
                              construct_seed=self.req.seed, init_tree=tree, tensors=[],
                              l2_flush_mb=self.req.l2_flush_mb), tensors)
         built, _ = self.expect(wire.Built)

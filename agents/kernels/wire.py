@@ -29,7 +29,7 @@ from typing import Any, Literal
 import msgspec
 
 FRAME_HEAD = struct.Struct("<II")
-MAX_HEADER = 4 * 1024 * 1024
+MAX_HEADER = 16 * 1024 * 1024
 CHUNK = 1 << 20
 
 # dtype name -> bytes per element. Anything else is refused on both sides.

@@ -36,7 +36,8 @@ def _slow_down_their_clock(factor):
 def test_a_replaced_clock_is_caught(softmax: ProblemInfo, sandboxes: SandboxLog, factor: int) -> None:
     init = f"        assert _slow_down_their_clock({factor})\n"
     out = run(softmax, hostile(softmax, HONEST, header=FAKE_CLOCK, init=init), kind="profile", trials=1, **RUN)
-    assert out.outcome == "rejected" and "timing_mismatch" in out.flags
+    assert out.outcome == "rejected" and "timing_mismatch" in out.flags, (
+        out.outcome, out.flags, out.error, out.messages, out.timings)
     assert "value_mismatch" not in out.flags  # its outputs were right: only its clock lied
     t = out.timings
     assert t is not None and t.candidate_wall_ms is not None
