@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ops.commands.common import DEFAULT_DATA_DIR
+from ops.commands.common import DEFAULT_DATA_DIR, UserError
 from schemas.events import event_kind
 
 
@@ -71,12 +71,14 @@ async def _kernel_demo(client: Any, console: Any) -> bool:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from ops.commands.fleet import make_fleet
-    from ops.launcher import describe_stop
+    from ops.launcher import PortInUse, describe_stop, fleet_from
 
     temporary = args.data_dir == DEFAULT_DATA_DIR and not args.nats
     data = Path(tempfile.mkdtemp(prefix="jetfleet-demo-")) if temporary else Path(args.data_dir)
-    fleet = make_fleet(args, data)
+    try:
+        fleet = fleet_from(args, data)
+    except PortInUse as exc:
+        raise UserError(str(exc)) from None
     ok = False
     try:
         fleet.start()

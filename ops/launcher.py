@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bus.server import EmbeddedServer, die_with_parent
 
@@ -214,3 +215,21 @@ def describe_stop(ended: dict[str, int]) -> str:
                        if phase != "drain" and n)
     return (f"{drained} of {total} components finished their work and exited; "
             f"the rest were stopped ({forced})")
+
+
+def fleet_children(args: Any) -> list[ChildSpec]:
+    """Every child `jetfleet up` starts: each component says which, from the options."""
+    from ops import components
+
+    out: list[ChildSpec] = []
+    for comp in components.COMPONENTS:
+        children = getattr(components.module(comp), "up_children", None)
+        if children is not None:
+            out.extend((comp, name, argv) for name, argv in children(args))
+    return out
+
+
+def fleet_from(args: Any, data_dir: Path) -> Fleet:
+    """The fleet `up` and `demo` start for these options (PortInUse when taken)."""
+    return Fleet(data_dir, nats_port=args.nats_port, children=fleet_children(args),
+                 nats_url=args.nats)

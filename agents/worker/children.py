@@ -22,11 +22,14 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
+from agents.worker.errors import JobError
+from bus import topology
 from schemas.common import new_id
-from schemas.jobs import JobState
+from schemas.jobs import CancelRequest, JobState, WorkItem
 
 if TYPE_CHECKING:
-    from agents.worker.context import JobContext
+    from bus.connection import Bus
+    from sdk.client import Client
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +37,12 @@ MAX_DEPTH = int(os.environ.get("JETFLEET_MAX_CALL_DEPTH", "4"))
 
 
 class Children:
-    def __init__(self, ctx: JobContext, max_depth: int = MAX_DEPTH) -> None:
-        self.ctx = ctx
+    def __init__(self, bus: Bus, client: Client, parent: WorkItem, stopped: asyncio.Event,
+                 max_depth: int = MAX_DEPTH) -> None:
+        self.bus = bus
+        self.client = client
+        self.parent = parent
+        self.stopped = stopped  # the parent's attempt was stopped: waiting ends
         self.max_depth = max_depth
         self.outstanding: set[str] = set()
 
@@ -43,23 +50,19 @@ class Children:
                      payload: dict[str, Any] | None = None, *, job_id: str | None = None,
                      **kw: Any) -> str:
         """Submit a child job; returns its id (idempotent by id across parent attempts)."""
-        from agents.worker.context import JobError
-
-        depth = self.ctx.item.depth + 1
+        depth = self.parent.depth + 1
         if depth > self.max_depth:
             raise JobError("call_depth_exceeded",
                            f"a chain of calls reached depth {depth} (limit {self.max_depth}): "
                            "is a capability calling itself?", retryable=False)
-        kw.setdefault("timeout_s", self.ctx.item.timeout_s)
-        kw.setdefault("user", self.ctx.item.user)
-        kw.setdefault("priority", self.ctx.item.priority)
-        sub = self.ctx.client.submission(capability, payload, job_id=job_id or new_id(),
-                                         parent_job_id=self.ctx.job_id, **kw)
+        kw.setdefault("timeout_s", self.parent.timeout_s)
+        kw.setdefault("user", self.parent.user)
+        kw.setdefault("priority", self.parent.priority)
+        sub = self.client.submission(capability, payload, job_id=job_id or new_id(),
+                                     parent_job_id=self.parent.job_id, **kw)
         sub.depth = depth
-        from bus import topology
-
         assert sub.job_id is not None
-        await self.ctx.bus.publish(topology.SUBMIT, sub, msg_id=sub.job_id)
+        await self.bus.publish(topology.SUBMIT, sub, msg_id=sub.job_id)
         self.outstanding.add(sub.job_id)
         return sub.job_id
 
@@ -67,11 +70,9 @@ class Children:
                        ) -> dict[str, JobState | None]:
         """Each child's settled state (None: it did not settle within `timeout`).
         Raises JobError('cancelled') when the parent is stopped meanwhile."""
-        from agents.worker.context import JobError
-
-        waits = {jid: asyncio.create_task(self.ctx.client.wait(jid, timeout=timeout))
+        waits = {jid: asyncio.create_task(self.client.wait(jid, timeout=timeout))
                  for jid in job_ids}
-        stop = asyncio.create_task(self.ctx.cancelled.wait())
+        stop = asyncio.create_task(self.stopped.wait())
         out: dict[str, JobState | None] = {}
         try:
             pending: set[asyncio.Task[Any]] = set(waits.values())
@@ -101,13 +102,11 @@ class Children:
                    payload: dict[str, Any] | None = None, *, timeout: float | None = None,
                    **kw: Any) -> Any:
         """Run a child job and return its result; JobError when it does not succeed."""
-        from agents.worker.context import JobError
-
         job_id = await self.submit(capability, payload, **kw)
         state = (await self.wait_all([job_id], timeout=timeout))[job_id]
         ctype = capability if isinstance(capability, str) else capability.get("type")
         if state is None:
-            await self.cancel([job_id], f"parent {self.ctx.job_id} stopped waiting")
+            await self.cancel([job_id], f"parent {self.parent.job_id} stopped waiting")
             raise JobError("call_timeout", f"{ctype} child {job_id} did not finish in "
                            f"{timeout}s", retryable=False)
         if state.state == "unschedulable":
@@ -123,16 +122,13 @@ class Children:
 
     async def cancel(self, job_ids: list[str] | None = None, reason: str = "") -> None:
         """Cancel children (default: every one still outstanding)."""
-        from bus import topology
-        from schemas.jobs import CancelRequest
-
         ids = sorted(self.outstanding if job_ids is None else job_ids)
-        reason = reason or f"parent {self.ctx.job_id} cancelled"
+        reason = reason or f"parent {self.parent.job_id} cancelled"
         # Straight to the dispatcher (not the client's check of the record): a
         # child submitted a moment ago may not be recorded yet, and the
         # dispatcher holds a cancel for an unknown job a little while.
         for jid in ids:
             with contextlib.suppress(Exception):
-                await self.ctx.bus.publish(topology.CANCEL,
+                await self.bus.publish(topology.CANCEL,
                                            CancelRequest(job_id=jid, reason=reason))
             self.outstanding.discard(jid)

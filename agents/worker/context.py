@@ -11,33 +11,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from agents.worker.children import Children
+from agents.worker.errors import Delegate, JobError
 from schemas.jobs import WorkItem
 
 if TYPE_CHECKING:
-    from agents.worker.children import Children
     from bus.connection import Bus
     from sdk.client import Client
 
-
-class JobError(Exception):
-    """A handler's own failure with a stable code. `retryable=False` ends the
-    job as `failed` at once; otherwise the attempt is retried with backoff."""
-
-    def __init__(self, code: str, message: str, *, retryable: bool = True) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.retryable = retryable
-
-
-class Delegate(Exception):
-    """Raised by a handler that cannot run this job here after all (wrong device
-    type, too little memory): the job goes back for another worker, once,
-    without using up an attempt."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+__all__ = ["Delegate", "JobContext", "JobError", "kill_group"]
 
 
 ProgressFn = Callable[[float | None, str | None, dict[str, Any] | None], None]

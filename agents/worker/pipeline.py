@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agents.worker.attempt import Attempt
@@ -47,7 +48,10 @@ from schemas.fleet import serves
 from schemas.jobs import JobState, Resources, StopRequest, WorkItem
 
 if TYPE_CHECKING:
-    from agents.worker.runtime import Worker
+    from agents.devices import Inventory
+    from agents.worker.app import CapabilitySpec
+    from bus.connection import Bus
+    from sdk.client import Client
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +60,24 @@ def describe(r: Resources) -> str:
     return f"gpus={r.gpus} gpu_memory_mb={r.gpu_memory_mb} cpu_slots={r.cpu_slots}"
 
 
+@dataclass(frozen=True)
+class Host:
+    """What the pipeline needs of the worker it runs in."""
+
+    bus: Bus
+    client: Client
+    worker_id: str
+    node: str
+    inventory: Inventory
+    specs: dict[str, CapabilitySpec]
+    cancel_grace_s: float
+
+
 class Pipeline:
-    def __init__(self, worker: Worker, middleware: list[Middleware], registry: CancelRegistry,
+    def __init__(self, host: Host, middleware: list[Middleware], registry: CancelRegistry,
                  settler: Settler, ledger: Ledger, jobs: JobTable,
                  others_serve: Callable[[WorkItem], Any]) -> None:
-        self.w = worker
+        self.w = host
         self.middleware = middleware
         self.registry = registry
         self.settler = settler
@@ -224,12 +241,12 @@ class Pipeline:
         env: dict[str, str] = {}
         if self.w.inventory.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.w.inventory.visible_devices(att.devices)
+        cancelled = asyncio.Event()
         ctx = JobContext(item=att.item, attempt=att.number, worker_id=self.w.worker_id,
                          node=self.w.node, devices=att.devices, env=env,
                          loop=asyncio.get_running_loop(), bus=self.w.bus, client=self.w.client,
-                         children=None,  # type: ignore[arg-type]  # set just below
-                         _progress=att.report_progress)
-        ctx.children = Children(ctx)
+                         children=Children(self.w.bus, self.w.client, att.item, cancelled),
+                         _progress=att.report_progress, cancelled=cancelled)
         if att.stop_reason is not None:
             ctx._set_cancelled()
         return ctx

@@ -32,7 +32,7 @@ from agents.worker.middleware.progress import ProgressReports
 from agents.worker.middleware.retries import RetryPolicy
 from agents.worker.middleware.timelimit import TimeLimit
 from agents.worker.middleware.tracing import Tracing
-from agents.worker.pipeline import Pipeline, describe
+from agents.worker.pipeline import Host, Pipeline, describe
 from agents.worker.settle import Settler
 from bus import topology, tracing
 from bus.adverts import list_adverts, put_advert, remove_advert
@@ -117,7 +117,10 @@ class Worker:
                              has_devices=bool(leasable))
         self.settler = Settler(bus, self.ledger, self.worker_id, self.intake.ring_for_others)
         self.middleware = middleware if middleware is not None else self.default_middleware()
-        self.pipeline = Pipeline(self, self.middleware, self.registry, self.settler, self.ledger,
+        host = Host(bus=bus, client=self.client, worker_id=self.worker_id, node=self.node,
+                    inventory=self.inventory, specs=self.specs,
+                    cancel_grace_s=self.cancel_grace_s)
+        self.pipeline = Pipeline(host, self.middleware, self.registry, self.settler, self.ledger,
                                  self.jobs, self._others_serve)
         self.control = control or ControlService(bus, "worker", self.worker_id, kind="worker",
                                                  on_drain=self.stop)

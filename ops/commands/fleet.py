@@ -67,25 +67,13 @@ def register(sub: Any, common: list[argparse.ArgumentParser]) -> None:
     sp.set_defaults(fn=cmd_bench)
 
 
-def fleet_children(args: Any) -> list[tuple[str, str, list[str]]]:
-    from ops import components
-
-    out: list[tuple[str, str, list[str]]] = []
-    for comp in components.COMPONENTS:
-        children = getattr(components.module(comp), "up_children", None)
-        if children is not None:
-            out.extend((comp, name, argv) for name, argv in children(args))
-    return out
-
-
 def make_fleet(args: Any, data_dir: Path) -> Any:
-    from ops.launcher import Fleet, PortInUse
+    from ops.launcher import PortInUse, fleet_from
 
     if getattr(args, "workers", 1) < 0:
         raise UserError("--workers must be 0 or more")
     try:
-        return Fleet(data_dir, nats_port=args.nats_port, children=fleet_children(args),
-                     nats_url=args.nats)
+        return fleet_from(args, data_dir)
     except PortInUse as exc:
         raise UserError(str(exc)) from None
 
