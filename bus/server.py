@@ -101,6 +101,11 @@ class EmbeddedServer:
         binary: str | None = None,
         log_file: str | os.PathLike[str] | None = None,
         max_payload: int = 8 * 1024 * 1024,
+        server_name: str | None = None,
+        cluster_name: str | None = None,
+        cluster_port: int | None = None,
+        routes: list[str] | None = None,
+        extra_config: str = "",
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
@@ -109,6 +114,12 @@ class EmbeddedServer:
         self.binary = binary or find_binary()
         self.log_file = Path(log_file) if log_file else self.data_dir / "nats-server.log"
         self.max_payload = max_payload
+        self.server_name = server_name
+        self.cluster_name = cluster_name
+        self.cluster_port = cluster_port
+        self.routes = routes or []
+        # Appended to the generated config (accounts and users, TLS): see bus/security.py.
+        self.extra_config = extra_config
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -119,19 +130,29 @@ class EmbeddedServer:
         out = subprocess.run([self.binary, "--version"], capture_output=True, text=True, timeout=10)
         return parse_version(out.stdout or out.stderr)
 
+    def config(self) -> str:
+        text = (f"listen: {self.host}:{self.port}\n"
+                f"max_payload: {self.max_payload}\n"
+                + (f"http: {self.host}:{self.http_port}\n" if self.http_port else "")
+                + (f"server_name: {self.server_name}\n" if self.server_name else "")
+                + "jetstream {\n"
+                f"  store_dir: {str(self.data_dir / 'jetstream')!r}\n"
+                "}\n")
+        if self.cluster_port is not None:
+            routes = ", ".join(f'"{r}"' for r in self.routes)
+            text += ("cluster {\n"
+                     f"  name: {self.cluster_name or 'jetfleet'}\n"
+                     f"  listen: {self.host}:{self.cluster_port}\n"
+                     f"  routes: [{routes}]\n"
+                     "}\n")
+        return text + self.extra_config
+
     def start(self, timeout: float = 15.0) -> EmbeddedServer:
         check_version(self.version())
         self.data_dir.mkdir(parents=True, exist_ok=True)
         conf = self.data_dir / "nats-server.conf"
         # A config file rather than flags: max_payload has no command-line flag.
-        conf.write_text(
-            f"listen: {self.host}:{self.port}\n"
-            f"max_payload: {self.max_payload}\n"
-            + (f"http: {self.host}:{self.http_port}\n" if self.http_port else "")
-            + "jetstream {\n"
-            f"  store_dir: {str(self.data_dir / 'jetstream')!r}\n"
-            "}\n"
-        )
+        conf.write_text(self.config())
         log = open(self.log_file, "ab")
         self.proc = subprocess.Popen(
             [self.binary, "-c", str(conf)],
@@ -166,6 +187,48 @@ class EmbeddedServer:
             self.proc.wait(timeout=5)
 
     def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class EmbeddedCluster:
+    """`size` nats-servers on loopback, routed to each other, JetStream clustered:
+    client ports `port`, `port + 1`, ... (free ones when `port` is 0)."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], size: int = 3, port: int = 0,
+                 host: str = "127.0.0.1", extra_config: str = "") -> None:
+        if size < 1:
+            raise ServerError("a cluster needs at least one server")
+        self.data_dir = Path(data_dir)
+        self.host = host
+        ports = [port + i for i in range(size)] if port else [free_port(host) for _ in range(size)]
+        cluster_ports = [free_port(host) for _ in range(size)]
+        routes = [f"nats-route://{host}:{p}" for p in cluster_ports]
+        self.servers = [
+            EmbeddedServer(self.data_dir / f"n{i}", port=ports[i], host=host,
+                           server_name=f"n{i}", cluster_name="jetfleet",
+                           cluster_port=cluster_ports[i],
+                           routes=[r for j, r in enumerate(routes) if j != i],
+                           extra_config=extra_config)
+            for i in range(size)]
+
+    @property
+    def url(self) -> str:
+        """Every server's URL, comma-separated: clients fail over between them."""
+        return ",".join(s.url for s in self.servers)
+
+    def start(self, timeout: float = 30.0) -> EmbeddedCluster:
+        for s in self.servers:
+            s.start(timeout)
+        return self
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
+
+    def __enter__(self) -> EmbeddedCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

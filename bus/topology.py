@@ -7,11 +7,13 @@ are accepted by the server as no-ops, and nothing is ever deleted here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import BadRequestError
+from nats.js.errors import APIError, BadRequestError, ServiceUnavailableError
 from nats.js.object_store import (
     OBJ_ALL_CHUNKS_PRE_TEMPLATE,
     OBJ_ALL_META_PRE_TEMPLATE,
@@ -283,14 +285,42 @@ async def _ensure_stream(js: JetStreamContext, cfg: js_api.StreamConfig) -> None
     except BadRequestError as exc:
         # 10058: exists with a different configuration. Update in place; never
         # delete (that would drop durable consumers and their state).
-        if exc.err_code == 10058:
-            log.info("updating stream %s to the declared configuration", cfg.name)
-            await js.update_stream(cfg)
-        else:
+        if exc.err_code != 10058:
             raise
+        # A process with default settings (a CLI client) must never shrink a
+        # replicated stream: the replicas in place stay.
+        info = await js.stream_info(cfg.name or "")
+        cfg.num_replicas = max(cfg.num_replicas or 1, info.config.num_replicas or 1)
+        log.info("updating stream %s to the declared configuration", cfg.name)
+        await js.update_stream(cfg)
 
 
-async def apply(js: JetStreamContext, s: Settings) -> None:
+async def apply(js: JetStreamContext, s: Settings, wait_s: float = 60.0) -> None:
+    """Declare everything; a JetStream cluster still electing its leader answers
+    "unavailable" for a few seconds after it starts, so that is waited out."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while True:
+        try:
+            await _apply(js, s)
+            return
+        except (ServiceUnavailableError, nats.errors.TimeoutError, TimeoutError) as exc:
+            if loop.time() >= deadline:
+                raise
+            log.info("JetStream not ready yet (%s); retrying", type(exc).__name__)
+            await asyncio.sleep(0.5)
+        except APIError as exc:
+            if exc.err_code not in _NOT_READY or loop.time() >= deadline:
+                raise
+            log.info("JetStream not ready yet (%s); retrying", exc.description)
+            await asyncio.sleep(0.5)
+
+
+# JetStream not (yet) available / no suitable peers while a cluster forms.
+_NOT_READY = (10008, 10005, 10074, 10023)
+
+
+async def _apply(js: JetStreamContext, s: Settings) -> None:
     for cfg in stream_configs(s):
         await _ensure_stream(js, cfg)
     for kv in kv_configs(s):
@@ -299,7 +329,7 @@ async def apply(js: JetStreamContext, s: Settings) -> None:
         except BadRequestError as exc:
             if exc.err_code != 10058:
                 raise
-            log.warning("KV bucket %s exists with another configuration; kept as is", kv.bucket)
+            await _check_bucket(js, kv)
     objects = object_store_config(s)
     try:
         await js.add_stream(objects)
@@ -314,6 +344,19 @@ async def apply(js: JetStreamContext, s: Settings) -> None:
             log.warning("object store %s kept as is: %s", OBJECTS, upd.description)
     await ensure_consumer(js, JOBS, dispatcher_consumer(s))
     await ensure_consumer(js, JOBS, dispatcher_consumer(s, cancel=True))
+
+
+async def _check_bucket(js: JetStreamContext, kv: js_api.KeyValueConfig) -> None:
+    """A bucket made with other settings is kept as it is (TTLs are fixed at
+    creation); say so when what differs matters here (TTL, history), not for
+    replicas, which a client with default settings does not know."""
+    info = await js.stream_info(f"KV_{kv.bucket}")
+    ttl = float(info.config.max_age or 0.0)
+    history = int(info.config.max_msgs_per_subject or 1)
+    want_ttl = float(kv.ttl or 0.0)
+    if abs(ttl - want_ttl) > 1e-3 or history != kv.history:
+        log.warning("KV bucket %s exists with ttl %gs and history %d (this process wants %gs "
+                    "and %d); kept as is", kv.bucket, ttl, history, want_ttl, kv.history)
 
 
 async def ensure_consumer(js: JetStreamContext, stream: str, cfg: js_api.ConsumerConfig) -> None:

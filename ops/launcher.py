@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bus.server import EmbeddedServer, die_with_parent
+from bus.server import EmbeddedCluster, EmbeddedServer, die_with_parent
 
 PHASE_WAIT_S = {"drain": 10.0, "SIGINT": 5.0, "SIGTERM": 5.0}
 
@@ -79,14 +79,22 @@ class Fleet:
     def __init__(self, data_dir: Path, nats_port: int = 0, workers: int = 1,
                  worker_args: list[str] | None = None, children: list[ChildSpec] | None = None,
                  unschedulable_after: float = 30.0, quiet: bool = False,
-                 nats_url: str | None = None) -> None:
+                 nats_url: str | None = None, cluster: int = 0) -> None:
         self.data_dir = data_dir
         self.fleet_id = f"f{random.randrange(16**6):06x}"
-        self.server: EmbeddedServer | None = None
+        self.server: EmbeddedServer | EmbeddedCluster | None = None
+        self.env: dict[str, str] = {}
         if nats_url is None:
-            if nats_port:
-                check_port_free(nats_port)
-            self.server = EmbeddedServer(data_dir / "nats", port=nats_port)
+            if cluster > 1:
+                for i in range(cluster if nats_port else 0):
+                    check_port_free(nats_port + i)
+                self.server = EmbeddedCluster(data_dir / "nats", size=cluster, port=nats_port)
+                # Every stream, bucket and the object store replicated.
+                self.env["JETFLEET_REPLICAS"] = str(min(3, cluster))
+            else:
+                if nats_port:
+                    check_port_free(nats_port)
+                self.server = EmbeddedServer(data_dir / "nats", port=nats_port)
         self.nats_url = nats_url
         if children is None:
             children = [("dispatcher", "dispatcher",
@@ -116,7 +124,8 @@ class Fleet:
 
         kind = getattr(module(component), "CONTROL_KIND", component)
         return Child(name=name, component=component, kind=kind, instance=instance, argv=argv,
-                     log_path=logs / f"{name}.log", env={"JETFLEET_NATS_URL": self.url})
+                     log_path=logs / f"{name}.log",
+                     env={**self.env, "JETFLEET_NATS_URL": self.url})
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -176,8 +185,8 @@ class Fleet:
             from bus import topology
 
             async def send() -> None:
-                nc = await nats.connect(self.url, connect_timeout=2, max_reconnect_attempts=1,
-                                        reconnect_time_wait=0.1)
+                nc = await nats.connect(self.url.split(","), connect_timeout=2,
+                                        max_reconnect_attempts=1, reconnect_time_wait=0.1)
                 try:
                     for c in alive:
                         try:
@@ -232,4 +241,4 @@ def fleet_children(args: Any) -> list[ChildSpec]:
 def fleet_from(args: Any, data_dir: Path) -> Fleet:
     """The fleet `up` and `demo` start for these options (PortInUse when taken)."""
     return Fleet(data_dir, nats_port=args.nats_port, children=fleet_children(args),
-                 nats_url=args.nats)
+                 nats_url=args.nats, cluster=getattr(args, "cluster", 0))

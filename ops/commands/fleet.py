@@ -21,6 +21,9 @@ def add_fleet_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--nats-port", type=int, default=0, metavar="P",
                     help="client port of the embedded nats-server (default 0: a free port); "
                          "refused when something already listens there")
+    sp.add_argument("--cluster", type=int, default=0, metavar="N",
+                    help="run N nats-servers as a JetStream cluster on ports P, P+1, ... with "
+                         "every stream, bucket and the object store replicated (R3)")
     for name in components.COMPONENTS:
         add = getattr(components.module(name), "add_up_arguments", None)
         if add is not None:
