@@ -35,6 +35,8 @@ HELP: dict[str, str] = {
     "jobs_history": "revisions KV jobs keeps per job",
     "max_payload_bytes": "largest submission accepted (bigger inputs go in the object store)",
     "max_object_bytes": "largest object a put accepts",
+    "max_result_bytes": "results larger than this go to the object store; the record keeps "
+                        "a reference (result_ref)",
     "replicas": "stream, bucket and object store replicas (3 on a three-node cluster)",
 }
 
@@ -64,6 +66,7 @@ class Settings:
     dead_max_age_s: float = 30 * 24 * 3600.0
     jobs_history: int = 5
     max_payload_bytes: int = 1 << 20
+    max_result_bytes: int = 256 << 10
     # The largest object a put accepts (JETFLEET_MAX_OBJECT_BYTES); bigger ones are refused.
     max_object_bytes: int = 4 << 30
     replicas: int = 1

@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.common import SCHEMA_VERSION, ErrorInfo, now
+from schemas.common import SCHEMA_VERSION, ErrorInfo, ObjRef, now
 from schemas.telemetry import ProcessInfo, ProcessLink
 
 
@@ -51,6 +51,7 @@ class Progress(JobEventBase, tag="progress"):
 
 class Succeeded(JobEventBase, tag="succeeded"):
     result: Any = None
+    result_ref: ObjRef | None = None  # a large result, in the object store
     duration_s: float | None = None
 
 

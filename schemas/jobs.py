@@ -115,6 +115,8 @@ class AttemptRecord(Struct, kw_only=True):
     ended_at: float | None = None
     outcome: str | None = None
     error: ErrorInfo | None = None
+    # Versions of shared resources (KV resources) the attempt read, by name.
+    resources_read: dict[str, list[int]] = {}
 
 
 class JobState(Struct, kw_only=True):
@@ -138,6 +140,8 @@ class JobState(Struct, kw_only=True):
     started_at: float | None = None
     ended_at: float | None = None
     result: Any = None
+    # A result too large for the record lives in the object store; this points at it.
+    result_ref: ObjRef | None = None
     error: ErrorInfo | None = None
     reason: str | None = None
     cancel_requested: bool = False

@@ -24,7 +24,7 @@ from typing import Any, Concatenate, Generic, ParamSpec, get_args
 
 import msgspec
 
-from schemas.common import ErrorInfo, now
+from schemas.common import ErrorInfo, ObjRef, now
 from schemas.jobs import TERMINAL_STATES, AttemptRecord, JobState, JobStatus, JobSubmission
 from schemas.telemetry import ProcessInfo, ProcessLink
 
@@ -188,10 +188,11 @@ def note_progress(s: JobState, attempt: int, fraction: float | None) -> bool:
 
 
 @transition(SETTLEABLE, "succeeded")
-def succeed(s: JobState, attempt: int, worker_id: str, result: Any) -> bool:
+def succeed(s: JobState, attempt: int, worker_id: str, result: Any,
+            result_ref: ObjRef | None = None) -> bool:
     if not owned(s, attempt, worker_id):
         return False
-    s.result, s.error, s.progress = result, None, 1.0
+    s.result, s.result_ref, s.error, s.progress = result, result_ref, None, 1.0
     _close_attempt(s, attempt, "succeeded", None)
     return True
 
@@ -250,6 +251,16 @@ def resume(s: JobState, attempt: int, node: str) -> bool:
         return False
     s.error, s.reason, s.stale = None, None, False
     s.attempts = [msgspec.structs.replace(a, ended_at=None, outcome=None, error=None)
+                  if a.attempt == attempt else a for a in s.attempts]
+    return True
+
+
+@transition(SETTLEABLE)
+def note_reads(s: JobState, attempt: int, reads: dict[str, list[int]]) -> bool:
+    """The shared resources (and their versions) the attempt read."""
+    if s.attempt != attempt or not reads:
+        return False
+    s.attempts = [msgspec.structs.replace(a, resources_read={**a.resources_read, **reads})
                   if a.attempt == attempt else a for a in s.attempts]
     return True
 

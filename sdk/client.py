@@ -15,7 +15,7 @@ from bus.adverts import list_adverts
 from bus.connection import Bus, connect
 from bus.jobtable import JobTable
 from bus.settings import Settings
-from schemas.common import is_valid_id, new_id
+from schemas.common import ObjRef, is_valid_id, new_id
 from schemas.events import TERMINAL_KINDS, JobEvent, decode_event, event_kind
 from schemas.fleet import CapabilityAdvert
 from schemas.jobs import (
@@ -93,6 +93,7 @@ class Client:
         labels: dict[str, str] | None = None,
         resources: Resources | dict[str, int] | None = None,
         parent_job_id: str | None = None,
+        payload_ref: ObjRef | dict[str, Any] | None = None,
     ) -> JobSubmission:
         """A validated submission: a bad call fails here, at the caller, not on the bus."""
         cap = {"type": capability} if isinstance(capability, str) else dict(capability)
@@ -103,7 +104,9 @@ class Client:
         sub = JobSubmission(capability=cap, payload=payload or {}, job_id=job_id or new_id(),
                             priority=priority, max_attempts=max_attempts, timeout_s=timeout_s,
                             user=user, labels=labels or {}, resources=res,
-                            parent_job_id=parent_job_id)
+                            parent_job_id=parent_job_id,
+                            payload_ref=(ObjRef(**payload_ref) if isinstance(payload_ref, dict)
+                                         else payload_ref))
         try:
             return codec.decode(codec.encode(sub), JobSubmission)
         except codec.DecodeError as exc:
@@ -111,8 +114,16 @@ class Client:
 
     async def submit(self, capability: dict[str, str] | str,
                      payload: dict[str, Any] | None = None, **kw: Any) -> str:
-        """Publish a submission; idempotent by job id (the id is the Nats-Msg-Id)."""
+        """Publish a submission; idempotent by job id (the id is the Nats-Msg-Id).
+        A payload too large for a message goes to the object store and travels
+        as `payload_ref` (it expires after a day)."""
         sub = self.submission(capability, payload, **kw)
+        if sub.payload and len(codec.encode(sub)) > self.bus.settings.max_payload_bytes:
+            from bus.objects import ObjectStore
+
+            sub.payload_ref = await ObjectStore(self.bus).put(
+                codec.encode(sub.payload), name=f"payloads/{sub.job_id}", ttl=24 * 3600)
+            sub.payload = {}
         assert sub.job_id is not None
         await self.bus.publish(topology.SUBMIT, sub, msg_id=sub.job_id)
         return sub.job_id
@@ -185,6 +196,10 @@ class Client:
             raise JobUnschedulable(state)
         if state.state != "succeeded":
             raise JobFailed(state)
+        if state.result_ref is not None:  # a large result, in the object store
+            from bus.objects import ObjectStore
+
+            return codec.decode(bytes(await ObjectStore(self.bus).get(state.result_ref)), Any)
         return state.result
 
     async def run(self, capability: dict[str, str] | str, payload: dict[str, Any] | None = None,

@@ -177,6 +177,7 @@ def test_every_transition_declines_on_a_terminal_record(terminal: str) -> None:
         "kill": (ERR,), "lose": (1, "r"), "resume": (1, "n"), "mark_stale": (1, "r"),
         "cancel": ("r",), "request_cancel": ("r",), "confirm_cancel": (1, "r"),
         "end_process": (0,), "link_process": (ProcessLink(node="n", pid=1),),
+        "note_reads": (1, {"prompt": [3]}),
     }
     assert set(calls) == set(lc.transitions()), "a new transition needs a line here"
     for name, args in calls.items():

@@ -99,8 +99,14 @@ class Attempt:
         assert spec is not None and ctx is not None
         if self.stop_reason is not None:
             return Stopped(self.stop_reason, self.stop_message)
+        raw = self.item.payload
+        if self.item.payload_ref is not None:
+            loaded = await self._payload_from_store()
+            if isinstance(loaded, Failed):
+                return loaded
+            raw = loaded
         try:
-            payload = spec.decode_payload(self.item.payload)
+            payload = spec.decode_payload(raw)
         except InvalidPayload as exc:
             return Failed(ErrorInfo(code="invalid_payload", message=str(exc)), retryable=False)
         coro = (spec.call(ctx, payload) if spec.is_async
@@ -139,6 +145,29 @@ class Attempt:
             return Stopped(self.stop_reason, self.stop_message, error)
         assert outcome is not None
         return outcome
+
+    async def _payload_from_store(self) -> dict[str, Any] | Failed:
+        """A payload passed by reference (`payload_ref`): a JSON object in the store."""
+        from bus.objects import ObjectError, ObjectStoreUnavailable
+
+        assert self.ctx is not None and self.item.payload_ref is not None
+        try:
+            data = await self.ctx.objects.get(self.item.payload_ref)
+        except ObjectStoreUnavailable as exc:
+            return Failed(ErrorInfo(code="object_store_error", message=str(exc)), retryable=True)
+        except ObjectError as exc:
+            return Failed(ErrorInfo(code="invalid_payload", message=f"payload_ref: {exc}"),
+                          retryable=False)
+        try:
+            value = msgspec.json.decode(bytes(data))
+        except msgspec.DecodeError as exc:
+            return Failed(ErrorInfo(code="invalid_payload",
+                                    message=f"payload_ref is not JSON: {exc}"), retryable=False)
+        if not isinstance(value, dict):
+            return Failed(ErrorInfo(code="invalid_payload",
+                                    message="payload_ref must hold a JSON object"),
+                          retryable=False)
+        return value
 
     def _succeeded(self, result: Any) -> Outcome:
         try:

@@ -17,6 +17,8 @@ from schemas.jobs import WorkItem
 
 if TYPE_CHECKING:
     from bus.connection import Bus
+    from bus.objects import ObjectStore
+    from bus.resources import ResourceStore
     from sdk.client import Client
 
 __all__ = ["Delegate", "JobContext", "JobError", "kill_group"]
@@ -38,6 +40,10 @@ class JobContext:
     bus: Bus
     client: Client
     children: Children
+    # The object store (put/get/open/get_to/delete; refs as ObjRef or their JSON).
+    objects: ObjectStore
+    # Versioned shared resources; the versions read are recorded with the attempt.
+    resources: ResourceStore
     _progress: ProgressFn
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     # The same signal for handlers running in a thread.

@@ -12,7 +12,7 @@ from typing import Any
 from bus.connection import Bus
 from bus.jobtable import JobTable
 from schemas import lifecycle as lc
-from schemas.common import ErrorInfo, now
+from schemas.common import ErrorInfo, ObjRef, now
 from schemas.events import Cancelled, Dead, Failed, JobEvent, Lost, Retrying, Succeeded
 from schemas.jobs import JobState
 
@@ -31,12 +31,13 @@ class Ledger:
     async def start(self, job_id: str, attempt: int, devices: list[str]) -> JobState | None:
         return await self.apply(job_id, lc.start(attempt, self.worker_id, self.node, devices))
 
-    async def succeed(self, job_id: str, attempt: int, result: Any,
-                      duration_s: float) -> JobEvent | None:
-        if await self.apply(job_id, lc.succeed(attempt, self.worker_id, result)) is None:
+    async def succeed(self, job_id: str, attempt: int, result: Any, duration_s: float,
+                      result_ref: ObjRef | None = None) -> JobEvent | None:
+        if await self.apply(job_id, lc.succeed(attempt, self.worker_id, result,
+                                               result_ref)) is None:
             return None
         return Succeeded(job_id=job_id, attempt=attempt, worker_id=self.worker_id,
-                         result=result, duration_s=duration_s)
+                         result=result, result_ref=result_ref, duration_s=duration_s)
 
     async def fail(self, job_id: str, attempt: int, error: ErrorInfo) -> JobEvent | None:
         error.attempt = attempt
@@ -86,7 +87,7 @@ class Ledger:
             return None
         if s.state == "succeeded":
             return Succeeded(job_id=s.job_id, attempt=s.attempt, worker_id=s.worker_id,
-                             result=s.result)
+                             result=s.result, result_ref=s.result_ref)
         if s.state == "failed" and s.attempt > 0 and s.error is not None:
             return Failed(job_id=s.job_id, attempt=s.attempt, worker_id=s.worker_id, error=s.error)
         if s.state == "cancelled":

@@ -42,6 +42,7 @@ from agents.worker.settle import Settler
 from bus import codec
 from bus.consumer import Delivery, backoff
 from bus.jobtable import JobTable, emit
+from bus.resources import ResourceStore
 from schemas.common import ErrorInfo
 from schemas.events import Running
 from schemas.fleet import serves
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from agents.devices import Inventory
     from agents.worker.app import CapabilitySpec
     from bus.connection import Bus
+    from bus.objects import ObjectStore
     from sdk.client import Client
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ class Host:
     inventory: Inventory
     specs: dict[str, CapabilitySpec]
     cancel_grace_s: float
+    objects: ObjectStore
 
 
 class Pipeline:
@@ -246,6 +249,8 @@ class Pipeline:
                          node=self.w.node, devices=att.devices, env=env,
                          loop=asyncio.get_running_loop(), bus=self.w.bus, client=self.w.client,
                          children=Children(self.w.bus, self.w.client, att.item, cancelled),
+                         objects=self.w.objects,
+                         resources=ResourceStore(self.w.bus, self.w.objects),
                          _progress=att.report_progress, cancelled=cancelled)
         if att.stop_reason is not None:
             ctx._set_cancelled()

@@ -40,6 +40,7 @@ from bus.connection import Bus
 from bus.control import ControlService
 from bus.jobtable import JobTable
 from bus.leases import LeaseTable, LeaseWatch
+from bus.objects import ObjectStore
 from schemas.common import now
 from schemas.fleet import CapabilityAdvert, serves
 from schemas.jobs import WorkItem
@@ -115,11 +116,13 @@ class Worker:
                              starvation_after_s=starvation_after_s, poll_s=poll_s,
                              held=lambda: self.leases.waiting > 0,
                              has_devices=bool(leasable))
-        self.settler = Settler(bus, self.ledger, self.worker_id, self.intake.ring_for_others)
+        self.settler = Settler(bus, self.ledger, self.worker_id, self.intake.ring_for_others,
+                               ObjectStore(bus))
         self.middleware = middleware if middleware is not None else self.default_middleware()
+        self.objects = ObjectStore(bus)
         host = Host(bus=bus, client=self.client, worker_id=self.worker_id, node=self.node,
                     inventory=self.inventory, specs=self.specs,
-                    cancel_grace_s=self.cancel_grace_s)
+                    cancel_grace_s=self.cancel_grace_s, objects=self.objects)
         self.pipeline = Pipeline(host, self.middleware, self.registry, self.settler, self.ledger,
                                  self.jobs, self._others_serve)
         self.control = control or ControlService(bus, "worker", self.worker_id, kind="worker",

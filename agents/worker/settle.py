@@ -44,9 +44,13 @@ from agents.worker.outcome import (
     Stopped,
     Succeeded,
 )
+from bus import codec
 from bus.connection import Bus
 from bus.consumer import backoff
 from bus.jobtable import emit
+from bus.objects import ObjectStore
+from schemas import lifecycle as lc
+from schemas.common import ObjRef
 from schemas.events import Delegated as DelegatedEvent
 from schemas.events import JobEvent
 
@@ -55,8 +59,9 @@ log = logging.getLogger(__name__)
 
 class Settler:
     def __init__(self, bus: Bus, ledger: Ledger, worker_id: str,
-                 ring_for_others: Callable[[str, float], None]) -> None:
+                 ring_for_others: Callable[[str, float], None], objects: ObjectStore) -> None:
         self.bus = bus
+        self.objects = objects
         self.ledger = ledger
         self.worker_id = worker_id
         self.ring_for_others = ring_for_others
@@ -67,8 +72,11 @@ class Settler:
         d = att.delivery
         job_id, n = att.job_id, att.number
         event: JobEvent | None
+        if att.started and att.ctx is not None and att.ctx.resources.reads:
+            await self.ledger.apply(job_id, lc.note_reads(n, att.ctx.resources.reads))
         if isinstance(outcome, Succeeded):
-            event = await self.ledger.succeed(job_id, n, outcome.result, outcome.duration_s)
+            result, ref = await self._result(att, outcome.result)
+            event = await self.ledger.succeed(job_id, n, result, outcome.duration_s, ref)
             await self._announce(att, event, d.ack)
         elif isinstance(outcome, Failed):
             event = await self.ledger.fail(job_id, n, outcome.error)
@@ -107,6 +115,15 @@ class Settler:
             raise AssertionError(f"unmapped stop {outcome.reason}")
         if att.started:
             self.completed += 1
+
+    async def _result(self, att: Attempt, result: Any) -> tuple[Any, ObjRef | None]:
+        """A result too large for the record goes to the object store, by reference."""
+        size = len(codec.encode(result))
+        if size <= self.bus.settings.max_result_bytes:
+            return result, None
+        ref = await self.objects.put(codec.encode(result),
+                                     name=f"results/{att.job_id}/{att.number}")
+        return None, ref
 
     async def _announce(self, att: Attempt, event: JobEvent | None,
                         ack: Callable[[], Any] | None, *, always: bool = False) -> None:
