@@ -212,6 +212,9 @@ async def publish_chunks(nc: NATS, subject: str, chunks: AsyncIterator[bytes | m
             # hashed after that copy, while the chunk is still in cache.
             await nc.publish(subject, cast(bytes, chunk), reply=f"{inbox}.{token}",
                              headers=headers)
+            # Let nats-py's flusher write this chunk now: a lone pending PUB is
+            # written without being joined into (and copied with) the next ones.
+            await asyncio.sleep(0)
             h.update(chunk)
             size += n
             count += 1
