@@ -65,12 +65,14 @@ def main(args: argparse.Namespace) -> int:
                 for op in OPS:
                     row: dict[str, Any] = {"size_mib": size, "op": op}
                     for impl in ("jetfleet", "nats-py"):
-                        runs = [_child(server.url, impl, op, size, chunk, Path(tmp))
+                        runs = [_child(server, impl, op, size, chunk, Path(tmp))
                                 for _ in range(repeats)]
                         row[impl] = {
                             "mb_s": statistics.median(r["mb_s"] for r in runs),
                             "mem": statistics.median(r["mem"] for r in runs),
                             "seconds": statistics.median(r["seconds"] for r in runs),
+                            "cpu_client": statistics.median(r["cpu_client"] for r in runs),
+                            "cpu_server": statistics.median(r["cpu_server"] for r in runs),
                         }
                     row["ratio"] = row["jetfleet"]["mb_s"] / row["nats-py"]["mb_s"]
                     rows.append(row)
@@ -98,9 +100,11 @@ async def _prepare(url: str) -> None:
         await bus.close()
 
 
-def _child(url: str, impl: str, op: str, size: int, chunk: int, tmp: Path) -> dict[str, Any]:
-    spec = json.dumps({"url": url, "impl": impl, "op": op, "size": size, "chunk": chunk,
-                       "tmp": str(tmp)})
+def _child(server: EmbeddedServer, impl: str, op: str, size: int, chunk: int,
+           tmp: Path) -> dict[str, Any]:
+    assert server.proc is not None
+    spec = json.dumps({"url": server.url, "server_pid": server.proc.pid, "impl": impl,
+                       "op": op, "size": size, "chunk": chunk, "tmp": str(tmp)})
     proc = subprocess.run([sys.executable, "-m", "ops.bench_objects", spec],
                           capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -121,6 +125,18 @@ def _print(result: dict[str, Any]) -> None:
         a, b = r["jetfleet"], r["nats-py"]
         print(f"{r['size_mib']:>4} MiB {r['op']:<7}{a['mb_s']:>14.0f}{a['mem']:>6.2f}x   "
               f"{b['mb_s']:>13.0f}{b['mem']:>6.2f}x{r['ratio']:>7.1f}x")
+    print()
+    print("CPU seconds per GB moved (client process / nats-server), medians: what the "
+          "operation costs, whatever else the machine is doing")
+    head = f"{'size':>8} {'op':<7}{'jetfleet':>18}   {'nats-py':>18}"
+    print(head)
+    print("-" * len(head))
+    for r in result["rows"]:
+        a, b = r["jetfleet"], r["nats-py"]
+        gb = r["size_mib"] * (1 << 20) / 1e9
+        print(f"{r['size_mib']:>4} MiB {r['op']:<7}"
+              f"{a['cpu_client'] / gb:>9.2f} / {a['cpu_server'] / gb:<6.2f}   "
+              f"{b['cpu_client'] / gb:>9.2f} / {b['cpu_server'] / gb:<6.2f}")
     big = [r for r in result["rows"] if r["size_mib"] == max(x["size_mib"]
                                                              for x in result["rows"])]
     for r in big:
@@ -133,6 +149,16 @@ def _print(result: dict[str, Any]) -> None:
 
 
 # ---- the child: one operation, timed, its memory watched --------------------------------
+
+
+def _cpu(pid: int | None = None) -> float:
+    """User + system CPU seconds of this process, or of process `pid`."""
+    if pid is None:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss() -> int:
@@ -188,6 +214,7 @@ async def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
             store = ObjectStore(bus, **({"chunk_size": spec["chunk"]} if spec["chunk"] else {}))
             peak = _Peak()
+            cpu0, srv0 = _cpu(), _cpu(spec["server_pid"])
             t0 = time.perf_counter()
             if spec["op"] == "put":
                 await store.put(data, name=name)
@@ -199,6 +226,7 @@ async def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
         else:
             obs = await js.object_store(RAW_BUCKET)
             peak = _Peak()
+            cpu0, srv0 = _cpu(), _cpu(spec["server_pid"])
             t0 = time.perf_counter()
             if spec["op"] == "put":
                 await obs.put(name, data)
@@ -210,13 +238,15 @@ async def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
                 with open(path, "wb") as f:  # noqa: ASYNC230 - the baseline's own use
                     await obs.get(name, writeinto=f)
         seconds = time.perf_counter() - t0
+        cpu_client, cpu_server = _cpu() - cpu0, _cpu(spec["server_pid"]) - srv0
         grew = peak.growth()
         if spec["op"] == "get_to":
             assert path.stat().st_size == size
             path.unlink()
     finally:
         await nc.close()
-    return {"seconds": seconds, "mb_s": size / seconds / 1e6, "mem": grew / size}
+    return {"seconds": seconds, "mb_s": size / seconds / 1e6, "mem": grew / size,
+            "cpu_client": cpu_client, "cpu_server": cpu_server}
 
 
 if __name__ == "__main__":
