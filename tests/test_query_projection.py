@@ -404,3 +404,45 @@ async def test_downsampling_keeps_averages_and_drops_what_is_past_retention(tmp_
         assert cur.execute("SELECT count(*) FROM gpu_metrics").fetchone() == (420,)
     finally:
         p.close()
+
+
+async def test_a_server_restart_loses_and_doubles_nothing(settings, bus, nats_server,
+                                                          tmp_path: Path) -> None:
+    from schemas.telemetry import NodeInventory
+
+    async with query_service(settings, tmp_path / "q.duckdb") as svc, http(svc) as api:
+        for i in range(50):
+            await emit(bus, ev.Submitted(job_id=f"r{i}", capability={"type": "echo"}))
+        assert await svc.caught_up()
+        nats_server.stop()
+        nats_server.start()
+        # Both connections come back by themselves; then more of everything.
+        async def sent() -> bool:
+            try:
+                for i in range(50, 100):
+                    await emit(bus, ev.Submitted(job_id=f"r{i}", capability={"type": "echo"}))
+                await publish(bus, "n1", "heartbeat", Heartbeat(node="n1"))
+                inventory = await bus.kv(topology.KV_NODES)
+                await inventory.put("n1", msgspec.json.encode(NodeInventory(
+                    node="n1", hostname="host-one", simulated=True)))
+                return True
+            except Exception:
+                return False
+
+        await eventually(sent, timeout=30, what="publishing after the restart")
+
+        async def complete() -> bool:
+            try:
+                await svc.poller.poll()
+                await svc.ingest.flush()
+                page = (await api.get("/api/v1/jobs", params={"limit": 1})).json()
+                nodes = (await api.get("/api/v1/nodes")).json()["items"]
+            except Exception:
+                return False
+            return page["total"] == 100 and [(n["node"], n["hostname"], n["status"])
+                                             for n in nodes] == [("n1", "host-one", "up")]
+
+        await eventually(complete, timeout=60, what="the projection after the restart")
+        cur = svc.projection.reader()
+        assert cur.execute("SELECT count(*), count(DISTINCT seq) FROM job_events").fetchone() \
+            == (100, 100)

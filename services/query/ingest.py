@@ -91,6 +91,12 @@ class Ingest:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._generation = 0
+        # Bumped on every reconnect: the server may have forgotten our consumers.
+        self._connection = 0
+        bus.on_reconnect(self._reconnected)
+
+    async def _reconnected(self) -> None:
+        self._connection += 1
 
     # ---- the writer thread -------------------------------------------------------------------
 
@@ -159,12 +165,17 @@ class Ingest:
 
     async def _read(self, stream: str, generation: int) -> None:
         """Keep an ordered consumer delivering from after what was taken. It is
-        re-created when it went quiet while the stream holds more (a server
-        restart forgets it) or when the connection gave up on it."""
+        re-created after a reconnect (a restarted server forgets it) and when it
+        went quiet while the stream holds more."""
         st = self.streams[stream]
         sub: Any = None
+        connection = self._connection
         try:
             while not self._stop.is_set():
+                if connection != self._connection:
+                    connection = self._connection
+                    await self._drop(sub)
+                    sub = None
                 if sub is None:
                     try:
                         sub = await self._subscribe(stream, st.read + 1, generation)
@@ -175,12 +186,14 @@ class Ingest:
                     st.last_read_at = time.monotonic()
                 await asyncio.sleep(1.0)
                 quiet = time.monotonic() - st.last_read_at
-                if quiet > 5.0 and self._room.is_set() and await self._behind(stream, st):
-                    log.info("%s: consumer quiet for %.0fs with messages waiting; re-creating",
-                             stream, quiet)
-                    await self._drop(sub)
-                    sub = None
-                    st.last_read_at = time.monotonic()
+                if quiet > 5.0 and self._room.is_set():
+                    behind = await self._behind(stream, st)
+                    st.last_read_at = time.monotonic()  # look again in 5 s, not every second
+                    if behind:
+                        log.info("%s: consumer quiet for %.0fs with messages waiting; "
+                                 "re-creating it", stream, quiet)
+                        await self._drop(sub)
+                        sub = None
         finally:
             await self._drop(sub)
 

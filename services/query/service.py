@@ -69,6 +69,7 @@ class QueryService:
         self._tasks: list[asyncio.Task[Any]] = []
         self._server: _Server | None = None
         self._socket: socket.socket | None = None
+        self._rebuild: asyncio.Task[None] | None = None
 
     # ---- what the API and the control service report ----------------------------------------
 
@@ -99,7 +100,7 @@ class QueryService:
 
     async def _serve(self) -> None:
         ctx = ApiContext(projection=self.projection, bus=self.bus, instance=self.config.instance,
-                         lag=self.lag, metrics=self.metrics, rebuild=self.ingest.rebuild,
+                         lag=self.lag, metrics=self.metrics, rebuild=self.request_rebuild,
                          batches=lambda: self.ingest.stats.batches,
                          max_payload_bytes=self.bus.settings.max_payload_bytes)
         app = create_app(ctx, self.config.api)
@@ -131,6 +132,13 @@ class QueryService:
             await asyncio.sleep(0.02)
         log.info("query API at %s (%s)", self.url,
                  "open: no token set" if self.config.api.tokens.open else "token required")
+
+    async def request_rebuild(self) -> None:
+        """Start a replay in the background (one at a time; asking again while one
+        runs joins it), so the request that asked returns at once."""
+        if self._rebuild is None or self._rebuild.done():
+            self._rebuild = asyncio.create_task(self.ingest.rebuild(), name="rebuild")
+            self._tasks.append(self._rebuild)
 
     async def _retention(self) -> None:
         while True:
