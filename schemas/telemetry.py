@@ -329,6 +329,8 @@ class AppStarted(NodeEventBase, tag="app_started"):
     pid: int | None = None
     reason: str = ""
     start_s: float | None = None
+    # Seconds each @app.on_start hook took (`on_start:<function>`), part of start_s.
+    hooks_s: dict[str, float] = {}
 
 
 class AppStopped(NodeEventBase, tag="app_stopped"):

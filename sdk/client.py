@@ -206,6 +206,12 @@ class Client:
                   timeout: float | None = None, **kw: Any) -> Any:
         return await self.result(await self.submit(capability, payload, **kw), timeout)
 
+    async def call(self, capability: dict[str, str] | str,
+                   payload: dict[str, Any] | None = None, timeout: float | None = None,
+                   **kw: Any) -> Any:
+        """Request/response, like a handler's `ctx.call`: the same as `run`."""
+        return await self.run(capability, payload, timeout, **kw)
+
     # ---- cancel ----------------------------------------------------------------------------
 
     async def cancel(self, job_id: str, reason: str = "cancelled by request",

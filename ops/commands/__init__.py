@@ -12,4 +12,5 @@ COMMAND_MODULES = (
     "ops.commands.query",
     "ops.commands.nodes",
     "ops.commands.simulate",
+    "ops.commands.call",
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from typing import Any
 
 from bus.connection import Bus
@@ -40,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="scripts and configs are cut at MB (default 4)")
     p.add_argument("--label", action="append", metavar="KEY=VALUE",
                    help="a label on the node's inventory (repeatable)")
+    p.add_argument("--apps", metavar="FILE", default=None,
+                   help="start workers on demand for the apps in FILE (TOML, one [[app]] "
+                        "table each; see docs/apps.md)")
 
 
 def add_up_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,13 +51,31 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
                    help="node agent: seconds between heartbeats (default 5)")
     p.add_argument("--metrics-interval", type=float, default=10.0, metavar="S",
                    help="node agent: seconds between GPU/process samples (default 10)")
+    p.add_argument("--apps", metavar="FILE", nargs="?", const="", default=None,
+                   help="node agent: start workers on demand for the apps in FILE (TOML; see "
+                        "docs/apps.md); `jetfleet demo --apps` alone runs the apps demo")
 
 
 def up_children(args: Any) -> list[tuple[str, list[str]]]:
     argv = ["--heartbeat", str(args.heartbeat), "--metrics-interval", str(args.metrics_interval)]
     if getattr(args, "simulate_gpus", 0):
         argv += ["--simulate-gpus", str(args.simulate_gpus)]
+    apps = getattr(args, "apps", None)
+    if apps is not None:
+        if not apps:
+            raise UserError("--apps needs the apps file: --apps apps.toml (see docs/apps.md)")
+        apps_file(apps)  # a mistake in it is one line here, not a crashing child
+        argv += ["--apps", os.path.abspath(apps)]
     return [("agent", argv)]
+
+
+def apps_file(path: str) -> Any:
+    from agents.node.appconfig import ConfigError, load_apps
+
+    try:
+        return load_apps(path)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
 
 
 def config(args: argparse.Namespace) -> Any:
@@ -86,12 +108,23 @@ def config(args: argparse.Namespace) -> Any:
 def check(args: argparse.Namespace) -> None:
     """Fail before connecting when the options cannot work."""
     config(args)
+    if args.apps is not None:
+        apps_file(args.apps)
 
 
 async def run(bus: Bus, args: argparse.Namespace, stopping: asyncio.Event,
               control: ControlService) -> None:
     from agents.node import NodeAgent
 
-    agent = NodeAgent(bus, config(args))
+    cfg = config(args)
+    agent = NodeAgent(bus, cfg)
     control.info = agent.info
-    await agent.run(stopping)
+    if args.apps is None:
+        await agent.run(stopping)
+        return
+    from agents.node.apps import AppSupervisor
+
+    apps = AppSupervisor(bus, cfg.node, apps_file(args.apps), simulate_gpus=cfg.simulate_gpus,
+                         use_nvml=cfg.use_nvml, nats_url=args.nats)
+    control.info = lambda: {**agent.info(), **apps.info()}
+    await asyncio.gather(agent.run(stopping), apps.run(stopping))
