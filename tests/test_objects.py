@@ -392,9 +392,10 @@ async def test_puts_of_one_name_racing_leave_only_the_winners_chunks(bus):
     """Each put replaces the record it read (compare-and-set) and purges exactly
     the chunks it replaced: no orphan chunks, whoever wins."""
     stores = [ObjectStore(bus, chunk_size=CHUNK) for _ in range(5)]
-    datas = [blob(3 * CHUNK + i, seed=40 + i) for i in range(5)]
+    datas = [blob(3 * CHUNK + 1 + i, seed=40 + i) for i in range(5)]  # 4 chunks each
     before = (await stream_state(bus)).state.messages
-    refs = await asyncio.gather(*(s.put(d, name="contested") for s, d in zip(stores, datas)))
+    refs = await asyncio.gather(*(s.put(d, name="contested")
+                                  for s, d in zip(stores, datas, strict=True)))
     meta = await stores[0].info("contested")
     winner = [r for r in refs if r.digest == meta.digest]
     assert len(winner) == 1
