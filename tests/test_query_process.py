@@ -222,3 +222,31 @@ def test_up_with_api_port_starts_the_query_api_the_cli_finds(tmp_path: Path) -> 
         up.send_signal(signal.SIGINT)
         rest, _ = up.communicate(timeout=90)
     assert up.returncode == 0 and "jetfleet stopped" in rest
+
+
+async def test_cli_rebuilds_a_file_offline_and_runs_sql_on_it(bus, procs, tmp_path: Path
+                                                             ) -> None:
+    import json
+
+    db = tmp_path / "offline.duckdb"
+    for i in range(5):
+        await emit(bus, ev.Submitted(job_id=f"o{i}", capability={"type": "echo"}, user="zed"))
+    await bus.publish(topology.telemetry("n0", "gpu"), GpuMetrics(node="n0", gpus=[
+        GpuSample(index=0, gpu_util_pct=9.0)]))
+    built = await asyncio.to_thread(procs.cli, "query", "rebuild", "--db", str(db))
+    assert built.returncode == 0, built.stderr
+    assert "EVENTS up to 5" in built.stdout and "TELEMETRY up to 1" in built.stdout
+    sql = await asyncio.to_thread(procs.cli, "--json", "query", "sql", "--db", str(db),
+                                  "SELECT user, count(*) AS n FROM jobs GROUP BY ALL")
+    assert sql.returncode == 0, sql.stderr
+    assert json.loads(sql.stdout) == [{"user": "zed", "n": 5}]
+    bad = await asyncio.to_thread(procs.cli, "query", "sql", "--db", str(db), "SELEC nothing")
+    assert bad.returncode != 0 and bad.stderr.startswith("jetfleet: SQL failed")
+    assert "Traceback" not in bad.stderr
+    # A file a running service holds is refused with one line, and left as it is.
+    procs.run("query", "--instance-id", "q-holds", "--port", "0", "--db", str(db),
+              name="query")
+    await _url(bus, "q-holds")
+    held = await asyncio.to_thread(procs.cli, "query", "rebuild", "--db", str(db))
+    assert held.returncode != 0 and "open in another process" in held.stderr
+    assert "Traceback" not in held.stderr

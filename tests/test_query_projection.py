@@ -446,3 +446,49 @@ async def test_a_server_restart_loses_and_doubles_nothing(settings, bus, nats_se
         cur = svc.projection.reader()
         assert cur.execute("SELECT count(*), count(DISTINCT seq) FROM job_events").fetchone() \
             == (100, 100)
+
+
+async def test_kernel_outcomes_and_evolve_candidates(settings, bus, tmp_path: Path) -> None:
+    from schemas.kernels import KernelOutcome, KernelTimings
+
+    outcome = KernelOutcome(kind="profile", outcome="pass", correct=True, trials=3,
+                            interpreted=True, device="cpu", flags=["interpreted"],
+                            timings=KernelTimings(candidate_ms=2.0, reference_ms=3.0,
+                                                  candidate_p10_ms=1.9, candidate_p90_ms=2.1,
+                                                  reference_p10_ms=2.9, reference_p90_ms=3.1,
+                                                  runs=3, warmup=1, speedup=1.5,
+                                                  method="perf_counter", l2_flush=False,
+                                                  representative=False))
+    evolve = {"candidates": [
+        {"id": "c1", "job_id": "p1", "round": 1, "island": 0, "origin": "seed", "hash": "h1",
+         "outcome": "pass", "correct": True, "speedup": 1.5, "params": {"BLOCK": 64},
+         "timings": {"candidate_ms": 2.0, "reference_ms": 3.0}, "source": "def k(): ..."},
+        {"id": "c2", "job_id": "p2", "round": 2, "island": 1, "origin": "mutation",
+         "parent": "c1", "outcome": "mismatch", "correct": False, "speedup": None},
+        {"no": "id"}]}
+    async with query_service(settings, tmp_path / "q.duckdb") as svc, http(svc) as api:
+        for job_id, ctype, result, parent in (
+                ("p1", "kernel.profile", msgspec.to_builtins(outcome), "evo"),
+                ("p2", "kernel.verify", {"not": "an outcome"}, "evo"),
+                ("evo", "kernel.evolve", evolve, None)):
+            await emit(bus, ev.Submitted(job_id=job_id, capability={"type": ctype},
+                                         parent_job_id=parent))
+            await emit(bus, ev.Running(job_id=job_id, attempt=1, worker_id="w", node="n1"))
+            await emit(bus, ev.Succeeded(job_id=job_id, attempt=1, worker_id="w", result=result))
+        assert await svc.caught_up()
+        results = (await api.get("/api/v1/kernels/results")).json()
+        assert [(r["job_id"], r["kind"], r["outcome"], r["speedup"], r["parent_job_id"])
+                for r in results["items"]] == [("p1", "profile", "pass", 1.5, "evo")]
+        assert results["items"][0]["flags"] == ["interpreted"]
+        assert (await api.get("/api/v1/kernels/results",
+                              params={"outcome": "mismatch"})).json()["total"] == 0
+        cands = (await api.get("/api/v1/kernels/evolve/evo", params={"source": "true"})).json()
+        assert [(c["candidate_id"], c["correct"], c["speedup"], c["parent"])
+                for c in cands["items"]] == [("c1", True, 1.5, None), ("c2", False, None, "c1")]
+        assert cands["items"][0]["params"] == {"BLOCK": 64}
+        assert cands["items"][0]["source"] == "def k(): ..."
+        assert cands["items"][0]["candidate_ms"] == 2.0
+        best = (await api.get("/api/v1/kernels/candidates", params={"correct": "true"})).json()
+        assert [c["candidate_id"] for c in best["items"]] == ["c1"]
+        assert best["items"][0]["source"] is None
+        assert (await api.get("/api/v1/kernels/evolve/none")).status_code == 404

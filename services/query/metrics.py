@@ -134,8 +134,9 @@ class FleetMetrics:
             yield Observation(messages, {"stream": stream})
 
     def _lag_seconds(self) -> Iterable[Observation]:
-        for stream, (_, seconds) in self.lag().items():
-            yield Observation(seconds, {"stream": stream})
+        lags = self.lag()
+        if lags:
+            yield Observation(max(seconds for _, seconds in lags.values()))
 
 
 def _callback(fn: Callable[[], Iterable[Observation]]
