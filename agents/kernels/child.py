@@ -254,7 +254,9 @@ def serve(sock: socket.socket) -> None:
 
     from agents.kernels.guards import Guard
 
-    device = torch.device(msg.device if msg.device == "cpu" or torch.cuda.is_available() else "cpu")
+    if msg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("the evaluator asked for CUDA, but no GPU is usable inside the sandbox")
+    device = torch.device(msg.device)
     guard = Guard(str(Path.cwd() / CANDIDATE_FILE))
     guard.install()
     st = _State(sock=sock, guard=guard, device=device, sync=torch.cuda.synchronize,
@@ -262,6 +264,9 @@ def serve(sock: socket.socket) -> None:
     if device.type == "cuda" and msg.l2_flush_mb:
         # Writing this buffer before each timed run evicts the L2 cache.
         st.l2_buffer = torch.empty(msg.l2_flush_mb * 1024 * 1024 // 4, dtype=torch.int32, device=device)
+    # Nothing of the candidate has run yet: a failure before this line is the
+    # sandbox's (infrastructure), after it the candidate's.
+    wire.send_frame(sock, wire.Ready(device=str(device)))
     try:
         _build(st, msg, payload)
         while True:

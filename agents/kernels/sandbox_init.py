@@ -20,9 +20,10 @@ site-packages), and no secret ever reaches its arguments or environment.
    the new pid namespace; pivot into it and detach the host's tree.
 4. Size-limited private tmpfs on /tmp and /dev/shm, the root made read-only,
    per-namespace sysctls that forbid nested user namespaces and cap SysV shm.
-5. Fork the candidate's runner: no supplementary groups, uid/gid 1000, empty
-   capability sets (bounding included), no_new_privs, rlimits; exec it with
-   the channel as its only extra descriptor.
+5. Fork the candidate's runner: a new empty session keyring, no
+   supplementary groups, uid/gid 1000, empty capability sets (bounding
+   included), no_new_privs, rlimits; exec it with the channel as its only
+   extra descriptor.
 6. Reap until the runner exits, then exit with its status (128 + signal when
    it was killed). When this process ends, the kernel kills every process
    left in the pid namespace, whatever its session or parentage.
@@ -54,6 +55,8 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "arm64": 41}
 _CAPSET = {"x86_64": 126, "aarch64": 91, "arm64": 91}
+_KEYCTL = {"x86_64": 250, "aarch64": 219, "arm64": 219}
+KEYCTL_JOIN_SESSION_KEYRING = 1
 STAGE = "/tmp"  # the host's /tmp, covered by our tmpfs in this mount namespace only
 SETUP_FAILED = 70
 
@@ -140,6 +143,10 @@ def drop_privileges(cfg: dict[str, Any]) -> None:
     """In the runner's child: from namespace root to an unprivileged id, no way back."""
     import resource
 
+    # A new, empty session keyring: the inherited one may hold the host's keys,
+    # which its possessors can read.
+    if _syscall(_KEYCTL, KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
+        raise SetupError(f"new session keyring: {os.strerror(ctypes.get_errno())}")
     for name, value in cfg["rlimits"].items():
         res = getattr(resource, name)
         _soft, hard = resource.getrlimit(res)

@@ -76,6 +76,10 @@ EXIT_WAIT_S = 5.0
 _FRAME = msgspec.json.Encoder()
 
 
+class SandboxBroken(RuntimeError):
+    """The sandbox failed before any candidate code ran: infrastructure, not the candidate."""
+
+
 class _End(Exception):
     """The dialogue with the candidate's process ended; the verdict has what it needs."""
 
@@ -274,6 +278,17 @@ class Evaluation:
                              device="cpu" if self.interpreted else "cuda",
                              construct_seed=self.req.seed, init_tree=tree, tensors=[],
                              l2_flush_mb=self.req.l2_flush_mb), tensors)
+        try:
+            self.expect(wire.Ready)
+        except _End as exc:
+            if self.deadline_hit or (self.sandbox is not None and self.sandbox.tripped):
+                raise
+            # No candidate code had run: the sandbox itself could not start the runner.
+            result = self.sandbox.finish(2.0) if self.sandbox else None
+            tail = result.stderr_tail[-1500:] if result else ""
+            raise SandboxBroken(f"the candidate's runner did not start: {self.protocol_error or ''} "
+                                f"exit {result.returncode if result else None} "
+                                f"signal {result.signal if result else None}\n{tail}") from exc
         built, _ = self.expect(wire.Built)
         ref_sd = self.ref_model.state_dict()
         declared = {p.name: p.shape for p in built.params}

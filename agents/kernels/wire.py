@@ -93,6 +93,12 @@ class Finish(msgspec.Struct, tag="finish"):
 
 
 # candidate -> trusted
+class Ready(msgspec.Struct, tag="ready", kw_only=True):
+    """torch and triton import and the device works: before any candidate code runs."""
+
+    device: str
+
+
 class Built(msgspec.Struct, tag="built", kw_only=True):
     params: list[ParamSpec]
 
@@ -124,7 +130,7 @@ class Report(msgspec.Struct, tag="report", kw_only=True):
 
 
 ToCandidate = Setup | Weights | Run | Finish
-ToTrusted = Built | Output | Failed | Report
+ToTrusted = Ready | Built | Output | Failed | Report
 
 _to_candidate = msgspec.json.Decoder(ToCandidate)
 _to_trusted = msgspec.json.Decoder(ToTrusted)
