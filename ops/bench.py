@@ -17,6 +17,7 @@ BENCHES: dict[str, str] = {
     "objects": "ops.bench_objects",
     "agent": "ops.bench_agent",
     "monitor": "ops.bench_monitor",
+    "coldstart": "ops.bench_coldstart",
 }
 
 

@@ -1,4 +1,6 @@
-"""`jetfleet demo`: an embedded fleet, real jobs end to end, and where to look."""
+"""`jetfleet demo`: an embedded fleet, real jobs end to end, and where to look.
+`jetfleet demo --apps`: workers started on demand and calls passing objects
+(ops/demo_apps.py)."""
 
 from __future__ import annotations
 
@@ -73,6 +75,10 @@ async def _kernel_demo(client: Any, console: Any) -> bool:
 def demo(args: argparse.Namespace) -> int:
     from ops.launcher import PortInUse, describe_stop, fleet_from
 
+    if getattr(args, "apps", None) is not None:
+        from ops.demo_apps import apps_demo
+
+        return apps_demo(args)
     temporary = args.data_dir == DEFAULT_DATA_DIR and not args.nats
     data = Path(tempfile.mkdtemp(prefix="jetfleet-demo-")) if temporary else Path(args.data_dir)
     try:

@@ -329,7 +329,9 @@ class AppStarted(NodeEventBase, tag="app_started"):
     pid: int | None = None
     reason: str = ""
     start_s: float | None = None
-    # Seconds each @app.on_start hook took (`on_start:<function>`), part of start_s.
+    # When the agent spawned it (start_s later it advertised its capabilities),
+    # and the seconds each @app.on_start hook took (`on_start:<function>`), part of start_s.
+    spawned_at: float | None = None
     hooks_s: dict[str, float] = {}
 
 

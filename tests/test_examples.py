@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
+import subprocess
 import sys
 import wave
+from pathlib import Path
 
 from PIL import Image
 
@@ -129,3 +132,16 @@ async def test_anyserve_chat_calls_embed_and_heavy_is_refused_on_a_small_node(
     assert len(refused) == 1 and "more than this node has" in refused[0]["error"]
     assert refused[0].get("retry_in_s") is None
     await events.stop()
+
+
+def test_apps_demo_runs_and_cleans_up(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JETFLEET_LOG": "WARNING",
+           "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "ops.cli", "demo", "--apps"], env=env,
+                         capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert "workers serving it now: 0" in text and "the agent started worker" in text
+    assert "child of" in text and "# Image report" in text and "app_stopped" in text
+    assert "fleet stopped: all" in text
+    assert not list(tmp_path.glob("jetfleet-demo-*")), "the demo's folder was left behind"

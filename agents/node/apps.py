@@ -363,10 +363,13 @@ class AppSupervisor:
     async def _await_ready(self, app: AppState, w: AppWorker) -> None:
         kv = await self.bus.kv(topology.KV_CAPABILITIES)
         deadline = w.spawned_at + START_TIMEOUT_S
+        advertised = 0.0
         while not w.exited and time.monotonic() < deadline:
             with contextlib.suppress(Exception):
                 entry = await kv.get(w.worker_id)
-                if entry.value and codec.decode(entry.value, CapabilityAdvert).pid == w.pid:
+                advert = codec.decode(entry.value or b"", CapabilityAdvert)
+                if advert.pid == w.pid:
+                    advertised = advert.updated_at  # the worker's own clock: when it was ready
                     break
             await asyncio.sleep(READY_POLL_S)
         else:
@@ -383,9 +386,11 @@ class AppSupervisor:
             info = await control.request(self.bus, "worker", w.worker_id, "info", timeout=1.0)
             hooks = {str(k): float(v) for k, v in (info.get("hooks_s") or {}).items()}
         self.started += 1
+        start_s = (advertised - w.spawned_wall if advertised >= w.spawned_wall
+                   else w.ready_at - w.spawned_at)
         self._emit(AppStarted(node=self.node, app=app.cfg.name, worker_id=w.worker_id,
-                              pid=w.pid, reason=w.reason,
-                              start_s=round(w.ready_at - w.spawned_at, 3), hooks_s=hooks))
+                              pid=w.pid, reason=w.reason, start_s=round(start_s, 3),
+                              spawned_at=w.spawned_wall, hooks_s=hooks))
         self._wake.set()
 
     # ---- activity, idle and stop -----------------------------------------------------------
