@@ -13,7 +13,6 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.kv import KeyValue
-from nats.js.object_store import ObjectStore
 from opentelemetry.trace import SpanKind
 
 from bus import codec, topology, tracing
@@ -43,7 +42,6 @@ class Bus:
         self.settings = settings
         self.name = name
         self._kv: dict[str, KeyValue] = {}
-        self._objects: ObjectStore | None = None
         self._reconnect_hooks: list[Callable[[], Awaitable[None]]] = []
 
     def on_reconnect(self, hook: Callable[[], Awaitable[None]]) -> None:
@@ -62,11 +60,6 @@ class Bus:
         if kv is None:
             kv = self._kv[bucket] = await self.js.key_value(bucket)
         return kv
-
-    async def objects(self) -> ObjectStore:
-        if self._objects is None:
-            self._objects = await self.js.object_store(topology.OBJECTS)
-        return self._objects
 
     async def publish(
         self,

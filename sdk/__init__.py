@@ -8,6 +8,9 @@
 """
 
 from sdk.client import Client, JobFailed, JobNotFound, JobUnschedulable
+from sdk.objects import Objects
+from sdk.resources import Resources
 from sdk.sync import SyncClient
 
-__all__ = ["Client", "JobFailed", "JobNotFound", "JobUnschedulable", "SyncClient"]
+__all__ = ["Client", "JobFailed", "JobNotFound", "JobUnschedulable", "Objects", "Resources",
+           "SyncClient"]

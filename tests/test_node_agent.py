@@ -4,7 +4,6 @@ and real agent processes discovering, linking, losing and ending real jobs."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import os
@@ -17,7 +16,6 @@ from pathlib import Path
 import psutil
 import pytest
 from nats.js.api import DeliverPolicy
-from nats.js.errors import NotFoundError
 
 from agents.node import AgentConfig, NodeAgent
 from agents.node.capture import CaptureLimits, RawProcess, capture, imports_of
@@ -27,6 +25,7 @@ from agents.node.redact import REDACTED, capture_env, redact_argv, redact_text, 
 from agents.node.scanner import Scanner, discovered_id, split_cmdline
 from agents.node.simulated import SimulatedGpus
 from bus import codec, topology
+from bus.objects import ObjectStore
 from schemas.common import is_valid_id
 from schemas.telemetry import ProcessInfo
 from tests.conftest import eventually, job_events
@@ -285,10 +284,9 @@ async def _everything_on_the_bus(bus) -> bytes:
              await _stream_bytes(bus, topology.DEAD, topology.DEAD_ALL)]
     for bucket in (topology.KV_JOBS, topology.KV_NODES, topology.KV_NODE_STATES):
         parts.append(await _stream_bytes(bus, f"KV_{bucket}", topology.kv_subject(bucket, ">")))
-    store = await bus.objects()
-    with contextlib.suppress(NotFoundError):  # an empty store lists nothing
-        for info in await store.list():
-            parts.append((await store.get(info.name)).data or b"")
+    store = ObjectStore(bus)
+    for info in await store.list():
+        parts.append(bytes(await store.get(info.name)))
     return b"\n".join(parts)
 
 

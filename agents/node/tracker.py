@@ -27,8 +27,8 @@ from agents.node.scanner import Job, Scanner
 from bus import codec, topology
 from bus.connection import Bus
 from bus.jobtable import JobTable, emit
+from bus.objects import ObjectStore
 from schemas import lifecycle as lc
-from schemas.common import ObjRef
 from schemas.events import Discovered, Ended, Linked
 from schemas.telemetry import DiscoveredJobs, ProcessLink
 
@@ -120,10 +120,7 @@ class JobTracker:
         info = job.captured.info
         if not pending.created:
             for blob in job.captured.blobs:
-                store = await self.bus.objects()
-                meta = await store.put(blob.name, blob.data)
-                ref = ObjRef(bucket=topology.OBJECTS, name=blob.name, size=int(meta.size or 0),
-                             digest=meta.digest)
+                ref = await ObjectStore(self.bus).put(blob.data, name=blob.name)
                 if blob.field == "code":
                     info.code_ref = ref
                 else:
