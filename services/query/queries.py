@@ -375,12 +375,23 @@ def metrics(cur: Cursor, kind: str, q: MetricQuery, now: float | None = None) ->
 FRESH_S = 120.0  # a device whose latest sample is older is not counted "now"
 
 
-def gpu_hours_sql(key: str) -> str:
-    return (f"SELECT coalesce({key}, '(none)') AS k, "
-            "sum(gpus * greatest(0, least(coalesce(ended_at, $now), $until) "
-            "- greatest(started_at, $since))) / 3600.0 AS h, count(DISTINCT job_id) AS jobs "
-            "FROM attempts WHERE gpus > 0 AND started_at < $until "
-            "AND coalesce(ended_at, $now) > $since GROUP BY 1 ORDER BY h DESC, k")
+# GPU-hours by user and by capability in one pass: each job's GPU-seconds inside
+# the window first (cheaper than counting distinct jobs per group), then both sums.
+GPU_HOURS_SQL = """
+WITH per_job AS (
+    SELECT "user", capability_type, job_id,
+           sum(gpus * greatest(0, least(coalesce(ended_at, $now), $until)
+                                  - greatest(started_at, $since))) AS s
+    FROM attempts
+    WHERE gpus > 0 AND started_at < $until AND coalesce(ended_at, $now) > $since
+    GROUP BY ALL)
+SELECT GROUPING("user") = 0 AS by_user,
+       coalesce(CASE WHEN GROUPING("user") = 0 THEN "user" ELSE capability_type END,
+                '(none)') AS k,
+       sum(s) / 3600.0 AS h, count(*) AS jobs
+FROM per_job GROUP BY GROUPING SETS (("user"), (capability_type))
+ORDER BY by_user, h DESC, k
+"""
 
 
 IDLE_SQL = r"""
@@ -410,11 +421,12 @@ def cluster_stats(cur: Cursor, ingest_lag: list[m.StreamLag], *, window_s: float
     (util_window,) = _one(cur, "SELECT sum(gpu_util_pct * n) / sum(CASE WHEN gpu_util_pct IS "
                                "NOT NULL THEN n END) FROM gpu_metrics WHERE ts >= ? AND ts <= ?",
                           [now - window_s, now])
-    p = {"now": now, "since": since, "until": until}
-    by_user = [m.GpuHours(key=k, gpu_hours=float(h or 0.0), jobs=int(j))
-               for k, h, j in cur.execute(gpu_hours_sql('"user"'), p).fetchall()]
-    by_cap = [m.GpuHours(key=k, gpu_hours=float(h or 0.0), jobs=int(j))
-              for k, h, j in cur.execute(gpu_hours_sql("capability_type"), p).fetchall()]
+    by_user: list[m.GpuHours] = []
+    by_cap: list[m.GpuHours] = []
+    for user_row, k, h, j in cur.execute(
+            GPU_HOURS_SQL, {"now": now, "since": since, "until": until}).fetchall():
+        (by_user if user_row else by_cap).append(
+            m.GpuHours(key=k, gpu_hours=float(h or 0.0), jobs=int(j)))
     idle = [m.IdleLease(device=r[0], node=r[1], gpu=int(r[2]), holder=r[3], job_id=r[4],
                         util_pct=None if r[5] is None else float(r[5]), samples=int(r[6]),
                         held_s=float(r[7]))
