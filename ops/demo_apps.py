@@ -145,6 +145,9 @@ async def _run(url: str, agent_instance: str) -> bool:
 def apps_demo(args: argparse.Namespace) -> int:
     from ops.launcher import PortInUse, describe_stop, fleet_from
 
+    if args.apps:
+        raise UserError("jetfleet demo --apps takes no file: it runs its own image chain "
+                        "(for your apps: jetfleet up --apps FILE)")
     if not (EXAMPLES / "chain.py").exists():
         raise UserError(f"the apps demo needs the examples of a source checkout "
                         f"({EXAMPLES} is missing)")

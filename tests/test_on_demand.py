@@ -309,3 +309,55 @@ def test_up_with_apps_starts_workers_on_demand(tmp_path: Path) -> None:
         except psutil.Error:
             continue
     assert not left, "children left behind"
+
+
+# ---- shares: what the app declares, what the node has ----------------------------------------
+
+
+def _decl(*caps: tuple[str, int, int]) -> Any:
+    from schemas.apps import AppDeclaration, CapabilityDeclaration
+    from schemas.jobs import Resources
+
+    return AppDeclaration(app="m:app", capabilities=[
+        CapabilityDeclaration(type=t, resources=Resources(gpus=g, gpu_memory_mb=m))
+        for t, g, m in caps])
+
+
+def test_shares_follow_the_apps_declarations(tmp_path: Path) -> None:
+    from agents.devices import inventory
+    from agents.node.appconfig import AppConfig
+    from agents.node.appdevices import fits_now, plan
+
+    two = inventory("n", simulate_gpus=2, slots_per_gpu=4)  # 16 GB each, 4 GB slots
+    cfg = AppConfig(app="m:app", name="m", cwd=tmp_path)
+    # No share in the file: one job of the widest capability.
+    p = plan(_decl(("big", 2, 0), ("small", 0, 4096)), cfg, two)
+    assert (p.share.slots, p.share.whole, p.share.capacity) == (8, True, 1)
+    assert p.types == ["big", "small"] and not p.problems
+    # A share smaller than a job: that capability is reported, the other watched.
+    p = plan(_decl(("big", 2, 0), ("small", 0, 4096)),
+             AppConfig(app="m:app", name="m", cwd=tmp_path, gpus=1), two)
+    assert p.types == ["small"] and "more than the worker's share" in p.problems[0]
+    assert p.share.capacity == 4  # four 4 GB jobs fit one whole GPU
+    # More than the node has: never watched, and no part of the share.
+    p = plan(_decl(("huge", 3, 0)), cfg, two)
+    assert not p.types and "more than this node has" in p.problems[0]
+    p = plan(_decl(("huge", 3, 0), ("one", 1, 0)), cfg, two)
+    assert p.types == ["one"] and (p.share.slots, p.share.capacity) == (4, 1)
+    # Memory shares count slots: 8 GB = 2 slots, one 8 GB job at a time.
+    p = plan(_decl(("llm", 0, 8192)), AppConfig(app="m:app", name="m", cwd=tmp_path,
+                                                gpu_memory_mb=8192), two)
+    assert (p.share.slots, p.share.whole, p.share.capacity) == (2, False, 1)
+    # gpus = 0 says CPU only.
+    p = plan(_decl(("tts", 0, 0)), AppConfig(app="m:app", name="m", cwd=tmp_path, gpus=0), two)
+    assert p.share.slots == 0 and p.share.capacity is None
+
+    whole = plan(_decl(("big", 1, 0)), cfg, two).share
+    assert fits_now(whole, two, held_by_others=set(), reserved_slots=4)  # gpu1 still free
+    assert not fits_now(whole, two, held_by_others=set(), reserved_slots=8)
+    # One slot of gpu1 leased by someone else: no whole GPU left beside our worker's.
+    assert not fits_now(whole, two, held_by_others={"n.gpu1.s2"}, reserved_slots=4)
+    half = plan(_decl(("llm", 0, 8192)), cfg, two).share
+    assert fits_now(half, two, held_by_others={"n.gpu0.s0", "n.gpu1.s0"}, reserved_slots=4)
+    assert not fits_now(half, two, held_by_others={f"n.gpu{g}.s{i}" for g in (0, 1)
+                                                   for i in range(3)}, reserved_slots=0)

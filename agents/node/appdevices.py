@@ -66,7 +66,9 @@ def job_slots(r: Resources, inv: Inventory) -> int:
 
 def plan(decl: AppDeclaration, cfg: AppConfig, inv: Inventory) -> Plan:
     per_job = {c.type: job_slots(c.resources, inv) for c in decl.capabilities}
-    widest = max(per_job.values(), default=0)
+    # Without a share in the file: one job of the widest capability this node can hold.
+    widest = max((per_job[c.type] for c in decl.capabilities if inv.can_ever_fit(c.resources)),
+                 default=0)
     if cfg.gpus:
         slots, whole = cfg.gpus * inv.slots_per_gpu, True
     elif cfg.gpu_memory_mb:
@@ -75,7 +77,8 @@ def plan(decl: AppDeclaration, cfg: AppConfig, inv: Inventory) -> Plan:
         slots, whole = 0, False
     else:  # what one job of its widest capability needs
         slots = widest
-        whole = any(c.resources.gpus for c in decl.capabilities)
+        whole = any(c.resources.gpus and inv.can_ever_fit(c.resources)
+                    for c in decl.capabilities)
     types: list[str] = []
     problems: list[str] = []
     for c in decl.capabilities:
@@ -91,6 +94,9 @@ def plan(decl: AppDeclaration, cfg: AppConfig, inv: Inventory) -> Plan:
                             "apps file")
         else:
             types.append(c.type)
+    # Jobs at once: as many of the widest watched capability as the share holds (a
+    # capability reported above is the file's mistake, not planned for).
+    widest = max((per_job[t] for t in types), default=0)
     capacity = None
     if slots and widest:
         capacity = max(1, slots // widest)

@@ -398,21 +398,20 @@ class AppSupervisor:
     async def _activity(self) -> None:
         """Ask each ready worker what it runs: a job seen running, or finished since
         the last look, makes it busy now."""
-        for app in self.apps:
-            for w in app.live:
-                if not w.ready:
-                    continue
-                try:
-                    info = await control.request(self.bus, "worker", w.worker_id, "info",
-                                                 timeout=1.0)
-                except Exception:
-                    continue
-                completed = int(info.get("completed") or 0)
-                if info.get("running") or completed != w.completed:
-                    w.busy_at = time.monotonic()
-                w.completed = completed
-                if w.ready_at and time.monotonic() - w.ready_at >= STABLE_S:
-                    app.failures = 0
+        async def look(app: AppState, w: AppWorker) -> None:
+            try:
+                info = await control.request(self.bus, "worker", w.worker_id, "info",
+                                             timeout=1.0)
+            except Exception:
+                return  # busy or going: looked at again in a second
+            completed = int(info.get("completed") or 0)
+            if info.get("running") or completed != w.completed:
+                w.busy_at = time.monotonic()
+            w.completed = completed
+            if w.ready_at and time.monotonic() - w.ready_at >= STABLE_S:
+                app.failures = 0
+
+        await asyncio.gather(*(look(app, w) for app in self.apps for w in app.live if w.ready))
 
     def _maybe_stop(self, app: AppState, nowm: float) -> None:
         cfg = app.cfg
