@@ -138,7 +138,9 @@ class _Evaluator:
         self.sandbox: SandboxUp | None = None
 
     def kill(self) -> bool:
-        if self.pid is not None:
+        # Only while it is still the fork server's child: the server reaps its
+        # evaluators at once, so an ended one's pid may already be someone else's.
+        if self.pid is not None and _parent_of(self.pid) == forkserver.server_pid():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(self.pid, signal.SIGKILL)
         sb = self.sandbox
@@ -185,6 +187,15 @@ def _await_verdict(sock: socket.socket, req: EvalRequest,
                 error=f"wall-clock limit of {req.timeout_s:g} s exceeded",
                 interpreted=req.device == "cpu", isolation=req.isolation,
                 wall_s=round(req.timeout_s + BACKSTOP_GRACE_S, 3))
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            # The command name may hold spaces and parentheses: read after the last ")".
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _drain(sock: socket.socket, ev: _Evaluator) -> None:

@@ -310,6 +310,9 @@ class Sandbox:
         lim = self.limits
         while not self._done.wait(lim.poll_s):
             if self.proc.poll() is not None:
+                if self.level == "process":
+                    # Its descendants may hold the channel open: they go with it.
+                    self.kill()
                 return
             if time.monotonic() - self._t0 > lim.timeout_s:
                 self._trip("timed_out", f"wall-clock limit of {lim.timeout_s:g} s")
@@ -339,8 +342,10 @@ class Sandbox:
     def kill(self) -> None:
         """SIGKILL every process of the sandbox (idempotent, returns at once)."""
         if self.level == "namespaces":
-            if self.init_pid:
-                _signal_pid(self.init_pid)
+            if self.init_pid and self.outer:
+                # By pid only while it still runs as this sandbox's root id: the
+                # pid may have been reaped and reused since.
+                _kill_if_uid(self.init_pid, self.outer[0])
             _kill_quietly(self.proc)
         else:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -469,9 +474,15 @@ def _only_child(pid: int) -> int:
     return kids[0]
 
 
-def _signal_pid(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signal.SIGKILL)
+def _kill_if_uid(pid: int, uid: int) -> None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            real = next(int(line.split()[1]) for line in fh if line.startswith("Uid:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return
+    if real == uid:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _kill_quietly(proc: subprocess.Popen[bytes]) -> None:

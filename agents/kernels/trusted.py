@@ -145,6 +145,8 @@ class Evaluation:
         self.reference_error: _ReferenceError | None = None
         self.protocol_error: str | None = None
         self.ended_early = False
+        # The evaluator stopped reading on purpose (the verdict was already clear).
+        self.abandoned = False
         self.report: wire.Report | None = None
         self.matched: bool | None = None
         self.timings: KernelTimings | None = None
@@ -194,7 +196,10 @@ class Evaluation:
             raise _ReferenceError(exc) from exc
 
     def _on_device(self, items: list[Any]) -> list[Any]:
-        return [x.to(self.device) if isinstance(x, torch.Tensor) else copy.deepcopy(x) for x in items]
+        # Always a copy: a reference that works in place must not change what
+        # the candidate is sent.
+        return [x.to(self.device, copy=True) if isinstance(x, torch.Tensor) else copy.deepcopy(x)
+                for x in items]
 
     def run_reference(self, args: list[Any], *, timed: bool = False) -> tuple[Any, float]:
         try:
@@ -312,7 +317,10 @@ class Evaluation:
             msg, payload = self.expect(wire.Output, max_payload=allowed)
         except _End:
             if self.protocol_error and "payload of" in self.protocol_error:
+                # A wrong answer, not a broken dialogue: the verdict is mismatch,
+                # and the rest of the channel is abandoned unread.
                 self.protocol_error = None
+                self.abandoned = True
                 self._note(Comparison(False, flags=["shape_mismatch"],
                                       messages=["output: more data than the reference's output holds"]),
                            f"run {run_id}")
@@ -515,7 +523,9 @@ class Evaluation:
         if self.protocol_error is not None:
             return "crashed", f"the candidate's process broke the evaluation protocol: {self.protocol_error}", None
         exit_problem = _exit_problem(result)
-        if self.ended_early or self.report is None:
+        if self.abandoned:
+            exit_problem = None
+        elif self.ended_early or self.report is None:
             return "crashed", exit_problem or "the candidate's process ended before the evaluation did", None
         if exit_problem:
             return "crashed", exit_problem, None

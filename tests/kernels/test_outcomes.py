@@ -45,6 +45,13 @@ def test_dynamic_fallback_rejected_when_static_check_is_blind(softmax: ProblemIn
     assert any("aten.add" in m and "aten.mul" in m for m in out.messages)
 
 
+def test_oversized_output_is_not_read(softmax: ProblemInfo) -> None:
+    # 40 MB where the reference's output has 25 KB: refused from the header alone.
+    out = run(softmax, with_forward(softmax, LAUNCH + "        return torch.empty(10**7)\n"))
+    assert out.outcome == "mismatch" and out.flags == ["shape_mismatch"]
+    assert any("more data than the reference's output holds" in m for m in out.messages)
+
+
 def test_no_kernel_defined_rejected(softmax: ProblemInfo) -> None:
     ref = softmax.reference_source.replace("class Model(", "class ModelNew(")
     out = run(softmax, ref.split("\n\ndef get_inputs")[0] + "\n", **RUN)

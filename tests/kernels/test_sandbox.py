@@ -97,7 +97,8 @@ def test_strict_refuses_without_namespaces(softmax: ProblemInfo, monkeypatch: py
     assert isolation.available().full
 
 
-def test_process_level_still_decides_and_cleans_up(softmax: ProblemInfo, sandboxes: SandboxLog) -> None:
+def test_process_level_still_decides_and_cleans_up(
+        softmax: ProblemInfo, sandboxes: SandboxLog, no_host_traces: None) -> None:
     # The fallback for hosts without user namespaces: weaker isolation, same verdicts.
     good = evaluate("verify", softmax.reference_source, softmax.candidate_source, trials=1,
                     isolation="process", **FAST)  # type: ignore[arg-type]
