@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import linecache
 import os
 import random
@@ -136,7 +137,7 @@ class Evaluation:
         self.errors = _Errors()
         self.sandbox: Sandbox | None = None
         self.sock: socket.socket | None = None
-        self.secret = int.from_bytes(os.urandom(8), "little") >> 1
+        self.secret = os.urandom(32)
         self.draws = 0
         self.deadline_hit = False
         self.ref_mod: types.ModuleType | None = None
@@ -182,7 +183,11 @@ class Evaluation:
     def fresh_inputs(self) -> list[Any]:
         """Inputs from a seed the candidate never sees, different on every draw."""
         self.draws += 1
-        seed = (self.secret + 7919 * self.draws) % (2**63)
+        # Each draw's seed from a keyed hash: one seed recovered from the inputs
+        # it produced (the generator is not a cryptographic one) tells nothing
+        # about the next.
+        digest = hashlib.blake2b(self.draws.to_bytes(8, "little"), key=self.secret, digest_size=8)
+        seed = int.from_bytes(digest.digest(), "little") >> 1
         torch.manual_seed(seed)
         random.seed(seed)
         with contextlib.suppress(ImportError):
