@@ -20,6 +20,12 @@ async def bigout(ctx: JobContext, p: dict) -> dict:
     return {"blob": "y" * p["n"]}
 
 
+@app.capability(type="wants-big")
+async def wants_big(ctx: JobContext, p: dict) -> dict:
+    got = await ctx.call("bigout", {"n": p["n"]}, timeout=30)
+    return {"len": len(got["blob"])}
+
+
 @app.capability(type="prompted")
 async def prompted(ctx: JobContext, p: dict) -> str:
     res = await ctx.resources.get("prompt")
@@ -40,6 +46,9 @@ async def test_a_large_payload_and_result_travel_by_reference(bus, components, c
     assert (await client.result(job)) == {"blob": "y" * (2 << 20)}
     kept = await ObjectStore(bus).get(state.result_ref)
     assert len(kept) == state.result_ref.size
+    # A child's large result reaches its parent through ctx.call too.
+    state = await client.wait(await client.submit("wants-big", {"n": 1 << 20}), timeout=30)
+    assert state.result == {"len": 1 << 20}
 
 
 async def test_the_resource_versions_a_job_read_are_recorded(bus, components, client):

@@ -118,6 +118,11 @@ class Children:
             detail = f"{err.code}: {err.message}" if err else (state.reason or state.state)
             raise JobError("child_failed", f"{ctype} child {job_id} ended {state.state}: "
                            f"{detail}", retryable=False)
+        if state.result_ref is not None:  # a large result, in the object store
+            from bus import codec
+            from bus.objects import ObjectStore
+
+            return codec.decode(bytes(await ObjectStore(self.bus).get(state.result_ref)), Any)
         return state.result
 
     async def cancel(self, job_ids: list[str] | None = None, reason: str = "") -> None:

@@ -65,6 +65,7 @@ class Intake:
         self._doorbell = asyncio.Event()
         self._room = asyncio.Event()
         self._pending: set[str] = set(specs)
+        self._rings: dict[str, int] = {}  # doorbells heard, per capability
         self._aged: dict[str, int] = {}  # ctype -> starved priority to look at first
         self._aging_checked = 0.0
         self._own_bells: dict[str, int] = {}  # doorbells this worker rang for others
@@ -85,6 +86,7 @@ class Intake:
             self._own_bells[ctype] -= 1  # rung for the others (a delegation): not for us
             return
         if ctype in self.specs:
+            self._rings[ctype] = self._rings.get(ctype, 0) + 1
             self._pending.add(ctype)
             self._doorbell.set()
 
@@ -133,6 +135,7 @@ class Intake:
         return aged + [pt for pt in strict if pt not in aged]
 
     async def _take(self) -> int:
+        rings = dict(self._rings)
         empty: dict[str, int] = {}
         seen: set[tuple[int, str]] = set()
         for prio, ctype in self._order():
@@ -153,7 +156,8 @@ class Intake:
                 self._maybe_check_starvation(prio)
             return len(msgs)  # start over from the top: strict priority
         for ctype, n in empty.items():
-            if n == len(topology.PRIORITIES):
+            # Empty everywhere, and no bell rang for it while we looked.
+            if n == len(topology.PRIORITIES) and self._rings.get(ctype) == rings.get(ctype):
                 self._pending.discard(ctype)
         return 0
 
@@ -195,6 +199,8 @@ class Intake:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._room.wait(), self.poll_s)
                 continue
+            # Cleared before looking, so a bell that rings while we look is kept.
+            self._doorbell.clear()
             try:
                 took = await self._take()
             except Exception as exc:  # reconnecting server, etc.: back off and go on
@@ -203,7 +209,6 @@ class Intake:
                 continue
             if took:
                 continue
-            self._doorbell.clear()
             try:
                 await asyncio.wait_for(self._doorbell.wait(), self.poll_s)
             except TimeoutError:
