@@ -195,7 +195,7 @@ class Dispatcher:
                 if w.marked:
                     await self._requeue(job_id, w)
                 self._watch.pop(job_id, None)
-            elif not w.marked and time.monotonic() >= w.deadline:
+            elif not w.marked and (verdict.lasting or time.monotonic() >= w.deadline):
                 w.marked = await self._mark_unschedulable(job_id, verdict.reason)
                 if not w.marked:
                     self._watch.pop(job_id, None)  # it ended (or started) meanwhile

@@ -30,11 +30,26 @@ def add_fleet_options(sp: argparse.ArgumentParser) -> None:
             add(sp)
 
 
+def add_security_options(sp: argparse.ArgumentParser) -> None:
+    """`up --secure` and `--tls` (docs/security.md)."""
+    sp.add_argument("--secure", action="store_true",
+                    help="NATS users per role: generate the fleet's keys and a credential per "
+                         "role in DATA_DIR/creds (0600) and run every component under its role")
+    sp.add_argument("--tls", action="store_true",
+                    help="clients reach the server over TLS: a CA and a server certificate for "
+                         "127.0.0.1/localhost are generated in DATA_DIR/tls unless given below")
+    sp.add_argument("--tls-cert", metavar="FILE", help="the server's certificate (PEM)")
+    sp.add_argument("--tls-key", metavar="FILE", help="the server's private key (PEM)")
+    sp.add_argument("--tls-ca", metavar="FILE",
+                    help="the CA that signed it, which clients verify the server with")
+
+
 def register(sub: Any, common: list[argparse.ArgumentParser]) -> None:
     sp = sub.add_parser("up", parents=common, help="embedded nats-server plus every component",
                         description="Start an embedded nats-server (or join --nats URL) and "
                                     "every component as a child, until Ctrl-C.")
     add_fleet_options(sp)
+    add_security_options(sp)
     sp.set_defaults(fn=cmd_up)
 
     sp = sub.add_parser("demo", parents=common,
@@ -71,13 +86,13 @@ def register(sub: Any, common: list[argparse.ArgumentParser]) -> None:
 
 
 def make_fleet(args: Any, data_dir: Path) -> Any:
-    from ops.launcher import PortInUse, fleet_from
+    from ops.launcher import PortInUse, SecurityOptionError, fleet_from
 
     if getattr(args, "workers", 1) < 0:
         raise UserError("--workers must be 0 or more")
     try:
         return fleet_from(args, data_dir)
-    except PortInUse as exc:
+    except (PortInUse, SecurityOptionError) as exc:
         raise UserError(str(exc)) from None
 
 
@@ -98,7 +113,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     os.environ["JETFLEET_NATS_URL"] = fleet.url
     print(f"jetfleet up: nats at {fleet.url}, data in {args.data_dir}, "
           f"{len(fleet.children)} components (logs in {args.data_dir}/logs)", flush=True)
-    for line in getattr(fleet, "notes", []):
+    if any(c.component == "query" for c in fleet.children):
+        where = (f"http://127.0.0.1:{args.api_port}" if args.api_port
+                 else "a free port: `jetfleet query url` says which")
+        print(f"  query API at {where}", flush=True)
+    for line in fleet.notes:  # --secure and --tls: where the credentials and the CA are
         print(f"  {line}", flush=True)
     print(f"  export JETFLEET_NATS_URL={fleet.url}", flush=True)
     try:

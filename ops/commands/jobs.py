@@ -188,6 +188,13 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         raise UserError("--limit must be at least 1")
 
     async def go(client: Any) -> Any:
+        from ops.commands.api import list_jobs
+
+        # A running query API answers from its projection (any number of jobs,
+        # filtered there); without one, the KV bucket is scanned.
+        states = await list_jobs(client.bus, limit=args.limit, state=args.state)
+        if states is not None:
+            return states
         states = await client.list_jobs(limit=1_000_000 if args.state else args.limit)
         if args.state:
             states = [s for s in states if s.state == args.state][: args.limit]

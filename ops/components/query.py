@@ -47,15 +47,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_up_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--api-port", type=int, default=None, metavar="P",
-                   help="also start the query API on port P (0 picks a free one); its "
-                        "projection lives in the data dir")
+    p.add_argument("--api-port", type=int, default=0, metavar="P",
+                   help="port of the query API (default 0: a free one; `jetfleet query url` "
+                        "says where); its projection lives in the data dir")
+    p.add_argument("--no-api", action="store_true",
+                   help="do not start the query service and its API")
     p.add_argument("--api-token", default=None, metavar="T",
                    help="the query API's token (read and write); default $JETFLEET_API_TOKEN")
 
 
 def up_children(args: Any) -> list[tuple[str, list[str]]]:
-    if getattr(args, "api_port", None) is None:
+    if getattr(args, "no_api", False) or getattr(args, "api_port", None) is None:
         return []
     argv = ["--port", str(args.api_port),
             "--db", str(Path(args.data_dir).absolute() / "query.duckdb")]

@@ -252,6 +252,46 @@ def create_app(ctx: ApiContext, config: ApiConfig | None = None) -> Litestar:
         await bus.publish(topology.SUBMIT, body, msg_id=data.job_id)
         return m.Submitted(job_id=data.job_id)
 
+    @post("/call", status_code=200, opt={"scope": "write", "json_body": True},
+          summary="Run a capability and wait for its result")
+    async def call(request: Request[Any, Any, Any], data: JSONBody[dict[str, Any]],
+                   timeout: Annotated[float, QueryParameter(gt=0, le=3600)] = 60.0
+                   ) -> Response[m.CallResult]:
+        """Request/response over the bus: the body is a submission (`capability` may
+        instead come as `X-Capability-Type` and `X-Capability-<label>` headers, as
+        in anyserve's `POST /infer`, with the body as the payload). 200 with the
+        result when the job succeeded; 422 when it failed or nobody can run it
+        (the reason in `error` / `reason`); 504 with the job id when it did not
+        settle within `timeout` seconds (it goes on; follow it at /jobs/{id})."""
+        sub = _call_submission(request, data)
+        ctype = sub.capability.get("type", "")
+        if not is_valid_capability_type(ctype):
+            raise ClientException(
+                f"capability.type {ctype!r}: dot-separated lower-case words ([a-z0-9_-]), "
+                "e.g. echo or kernel.verify")
+        if sub.job_id is None:
+            sub.job_id = new_id()
+        body = msgspec.json.encode(sub)
+        if len(body) > ctx.max_payload_bytes:
+            raise HTTPException(status_code=413, detail=(
+                f"submission is {len(body)} bytes, over the {ctx.max_payload_bytes}-byte limit: "
+                "put large inputs in the object store and pass payload_ref"))
+        bus = _bus(ctx)
+        await bus.publish(topology.SUBMIT, body, msg_id=sub.job_id)
+        from sdk.client import Client
+
+        try:
+            state = await Client(bus).wait(sub.job_id, timeout=timeout)
+        except TimeoutError:
+            return Response(m.CallResult(job_id=sub.job_id, state="running",
+                                         reason=f"not settled within {timeout:g}s; follow it "
+                                                f"at /api/v1/jobs/{sub.job_id}"),
+                            status_code=504)
+        out = m.CallResult(job_id=sub.job_id, state=state.state, result=state.result,
+                           error=msgspec.to_builtins(state.error) if state.error else None,
+                           reason=state.reason)
+        return Response(out, status_code=200 if state.state == "succeeded" else 422)
+
     @post("/jobs/{job_id:str}/cancel", status_code=202, opt={"scope": "write"},
           summary="Cancel a job")
     async def cancel(job_id: FromPath[str], reason: FromQuery[str | None] = None) -> m.CancelAccepted:
@@ -394,7 +434,7 @@ def create_app(ctx: ApiContext, config: ApiConfig | None = None) -> Litestar:
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     api = Router(path="/api/v1", guards=[guard(config.tokens)], route_handlers=[
-        jobs, job, submit, cancel, nodes, node, gpu_metrics, process_metrics, stats, workers,
+        jobs, job, submit, call, cancel, nodes, node, gpu_metrics, process_metrics, stats, workers,
         capabilities, leases, kernel_results, kernel_candidates, kernel_evolve, rebuild],
         security=[{"bearer": []}])
 
@@ -423,6 +463,22 @@ def create_app(ctx: ApiContext, config: ApiConfig | None = None) -> Litestar:
         debug=False,
         logging_config=None,
     )
+
+
+def _call_submission(request: Request[Any, Any, Any], data: dict[str, Any]) -> JobSubmission:
+    """A call's submission: the body, or the body as payload with the capability
+    in X-Capability-* headers."""
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    ctype = headers.get("x-capability-type")
+    if ctype is not None:
+        labels = {k.removeprefix("x-capability-").replace("-", "_"): v
+                  for k, v in headers.items()
+                  if k.startswith("x-capability-") and k != "x-capability-type"}
+        data = {"capability": {"type": ctype, **labels}, "payload": data}
+    try:
+        return msgspec.convert(data, JobSubmission)
+    except msgspec.ValidationError as exc:
+        raise ClientException(f"invalid submission: {exc}") from None
 
 
 def _bus(ctx: ApiContext) -> Bus:

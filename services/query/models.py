@@ -106,6 +106,16 @@ class Submitted(Model, kw_only=True):
     status: str = "submitted"
 
 
+class CallResult(Model, kw_only=True):
+    """`POST /api/v1/call`: the job's outcome once it settled."""
+
+    job_id: str
+    state: str
+    result: Any = None
+    error: dict[str, Any] | None = None
+    reason: str | None = None
+
+
 class CancelAccepted(Model, kw_only=True):
     job_id: str
     cancel_requested: bool
