@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import ssl
+import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,6 +20,8 @@ from nats.js.kv import KeyValue
 from opentelemetry.trace import SpanKind
 
 from bus import codec, topology, tracing
+from bus.credentials import CredentialsError, Identity, loose_mode, read_identity
+from bus.security import APPLIES_TOPOLOGY, COMPONENT_ROLES, ROLES
 from bus.server import ServerError, check_version
 from bus.settings import Settings
 from schemas.common import now
@@ -36,11 +42,15 @@ def _tls_context(s: Settings) -> ssl.SSLContext | None:
 class Bus:
     """One NATS connection with JetStream and the declared buckets."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings, name: str) -> None:
+    def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings, name: str,
+                 identity: Identity | None = None, denials: Denials | None = None) -> None:
         self.nc = nc
         self.js = js
         self.settings = settings
         self.name = name
+        # Who the credentials say we are (None: no credentials), and what the server refused.
+        self.identity = identity
+        self.denials = denials or Denials(name, identity)
         self._kv: dict[str, KeyValue] = {}
         self._reconnect_hooks: list[Callable[[], Awaitable[None]]] = []
 
@@ -124,6 +134,126 @@ class ConnectError(ConnectionError):
     """No server answered at the URL within the connect timeout: a one-line reason."""
 
 
+class PermissionDenied(ConnectError):
+    """The server refused this connection's user an action (its role does not allow it)."""
+
+    def __init__(self, who: str, action: str, subject: str) -> None:
+        super().__init__(f"{who} may not {action} {subject!r}: the NATS server refused it "
+                         "(the role's permissions: docs/security.md)")
+        self.action = action
+        self.subject = subject
+
+
+# nats-py passes the server's -ERR on: 'Permissions Violation for Publish to "x"'.
+_VIOLATION = re.compile(r'permissions violation for (publish|subscription) to "([^"]*)"', re.I)
+# The exit status of a component refused at start (sysexits' EX_NOPERM).
+EXIT_DENIED = 77
+
+
+def parse_violation(text: str) -> tuple[str, str] | None:
+    """('publish to' | 'subscribe to', subject) from a permissions-violation error."""
+    found = _VIOLATION.search(text)
+    if found is None:
+        return None
+    return ("publish to" if found.group(1).lower() == "publish" else "subscribe to",
+            found.group(2))
+
+
+class Denials:
+    """What the server refused on one connection.
+
+    Each refusal is logged as one line naming the subject and the role (again
+    for the same subject at most once a minute). A refused request would only
+    time out, so the subject of every request is remembered and a refusal
+    fails the requests waiting on that subject at once with PermissionDenied.
+    A component (its role in COMPONENT_ROLES) refused within `exit_within_s` of
+    connecting has credentials that do not fit what it does: it exits with
+    EXIT_DENIED instead of retrying.
+    """
+
+    REMEMBER = 1024
+    LOG_EVERY_S = 60.0
+
+    def __init__(self, name: str, identity: Identity | None, exit_within_s: float = 0.0) -> None:
+        role = identity.role if identity else ""
+        self.who = (f"role {role} ({identity.name})" if identity and identity.name != role
+                    else f"role {role}" if role else name)
+        self.components = role in COMPONENT_ROLES
+        self.exit_within_s = exit_within_s if self.components else 0.0
+        self.count = 0
+        self.last: PermissionDenied | None = None
+        self._logged: dict[tuple[str, str], float] = {}
+        self._replies: dict[str, str] = {}  # reply inbox -> subject, the latest requests
+        # nats-py lower-cases the server's error line: the subjects as we spelled them.
+        self._spelled: dict[str, str] = {}
+        self._nc: NATS | None = None
+        self._since = time.monotonic()
+
+    def attach(self, nc: NATS) -> None:
+        """Remember the subject of each request `nc` sends (a wrapper around its publish)."""
+        self._nc, self._since = nc, time.monotonic()
+        original, original_sub = nc.publish, nc.subscribe
+        replies, spelled = self._replies, self._spelled
+
+        def remember(table: dict[str, str], key: str, value: str) -> None:
+            table[key] = value
+            if len(table) > self.REMEMBER:
+                del table[next(iter(table))]
+
+        async def publish(subject: str, payload: bytes = b"", reply: str = "",
+                          headers: dict[str, str] | None = None) -> None:
+            if reply:
+                remember(replies, reply, subject)
+            else:
+                remember(spelled, subject.lower(), subject)
+            await original(subject, payload, reply, headers)
+
+        async def subscribe(subject: str, *args: Any, **kwargs: Any) -> Any:
+            remember(spelled, subject.lower(), subject)
+            return await original_sub(subject, *args, **kwargs)
+
+        # Methods of this one client (nats-py calls them through self).
+        setattr(nc, "publish", publish)  # noqa: B010
+        setattr(nc, "subscribe", subscribe)  # noqa: B010
+
+    def note(self, action: str, said: str) -> PermissionDenied:
+        """The server refused `action` on `said` (the subject as nats-py reports it)."""
+        key = said.lower()
+        requests = [r for r, subj in self._replies.items() if subj.lower() == key]
+        subject = (self._replies[requests[0]] if requests else self._spelled.get(key, said))
+        exc = PermissionDenied(self.who, action, subject)
+        self.count += 1
+        self.last = exc
+        t = time.monotonic()
+        if self.exit_within_s and t - self._since <= self.exit_within_s:
+            log.critical("permission denied: %s; exiting, since these credentials do not "
+                         "fit this component (issue the right ones with `jetfleet creds`)", exc)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_DENIED)
+        logged = (action, key)
+        # A client's refused request raises with this very line: no need to log it too.
+        told = bool(requests) and not self.components
+        if not told and t - self._logged.get(logged, -self.LOG_EVERY_S) >= self.LOG_EVERY_S:
+            self._logged[logged] = t
+            log.error("permission denied: %s", exc)
+        if action == "publish to":
+            self._fail_requests(requests, exc)
+        return exc
+
+    def _fail_requests(self, replies: list[str], exc: PermissionDenied) -> None:
+        """Fail at once the requests sent to the refused subject (they would time out)."""
+        nc = self._nc
+        prefix = bytes(getattr(nc, "_resp_sub_prefix", None) or b"").decode()
+        waiting: dict[str, asyncio.Future[Any]] = getattr(nc, "_resp_map", None) or {}
+        for reply in replies:
+            del self._replies[reply]
+            future = waiting.get(reply.removeprefix(prefix)) if prefix else None
+            if future is not None and not future.done():
+                future.set_exception(PermissionDenied(self.who, exc.action, exc.subject))
+
+
 async def connect(
     settings: Settings | None = None,
     *,
@@ -151,14 +281,18 @@ async def connect(
         "connect_timeout": max(0.5, min(2.0, timeout)),
         "allow_reconnect": True,
     }
-    if s.nats_creds:
-        opts["user_credentials"] = s.nats_creds
+    identity = _authenticate(s, opts)
     tls = _tls_context(s)
     if tls is not None:
         opts["tls"] = tls
+    denials = Denials(name, identity, exit_within_s=s.deny_exit_s)
 
     async def _on_error(exc: Exception) -> None:
-        log.debug("nats: %s", exc)
+        refused = parse_violation(str(exc))
+        if refused is not None:
+            denials.note(*refused)
+        else:
+            log.debug("nats: %s", exc)
 
     async def _on_disconnect() -> None:
         log.info("nats: disconnected from %s", target)
@@ -193,12 +327,78 @@ async def connect(
     except ServerError:
         await nc.close()
         raise
+    denials.attach(nc)
     js = nc.jetstream(timeout=10)
-    bus = Bus(nc, js, s, name)
+    bus = Bus(nc, js, s, name, identity, denials)
     holder.append(bus)
     if apply_topology:
-        await topology.apply(js, s)
+        try:
+            if identity is None or identity.role in APPLIES_TOPOLOGY or identity.role not in ROLES:
+                await topology.apply(js, s)
+            else:
+                # Other roles may not declare streams: the dispatcher or an admin does.
+                await _topology_present(js, identity, target, timeout)
+        except BaseException:
+            await nc.close()
+            raise
     return bus
+
+
+def _authenticate(s: Settings, opts: dict[str, Any]) -> Identity | None:
+    """Credentials into the connect options: a .creds file (user JWT and nkey seed),
+    or a file holding only an nkey seed. Each user has its own inbox prefix."""
+    if not s.nats_creds:
+        return None
+    path = s.nats_creds
+    loose = loose_mode(path)
+    if loose:
+        log.warning("credentials file %s can be read by other users (%s): chmod 600 it", path,
+                    loose)
+    try:
+        head = open(path, "rb").read(4096)
+    except OSError as exc:
+        raise ConnectError(f"credentials file {path}: {exc.strerror or exc}") from None
+    if head.strip().startswith(b"SU") and b"\n" not in head.strip():
+        import nkeys
+
+        try:
+            user = nkeys.from_seed(bytearray(head.strip())).public_key.decode()
+        except Exception:
+            raise ConnectError(f"{path} is neither a NATS credentials file nor an nkey seed"
+                               ) from None
+        opts["nkeys_seed"] = path
+        return Identity(user=user, name=user, role="", node=None, expires=None)
+    try:
+        identity = read_identity(path)
+    except CredentialsError as exc:
+        raise ConnectError(str(exc)) from None
+    if identity.expires is not None and identity.expires < time.time():
+        raise ConnectError(f"credentials file {path} ({identity.name}) expired: issue a new "
+                           "one with `jetfleet creds`")
+    opts["user_credentials"] = path
+    opts["inbox_prefix"] = identity.inbox_prefix
+    return identity
+
+
+async def _topology_present(js: JetStreamContext, identity: Identity, target: str,
+                            timeout: float) -> None:
+    """The fleet's streams exist (a forming cluster is waited out, within `timeout`)."""
+    from nats.js.errors import NotFoundError, ServiceUnavailableError
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max(timeout, 5.0)
+    while True:
+        try:
+            await js.stream_info(topology.JOBS)
+            return
+        except NotFoundError:
+            raise ConnectError(
+                f"the fleet's streams do not exist on {target} yet, and role {identity.role} "
+                "may not declare them: start the dispatcher (or `jetfleet up`) first") from None
+        except (ServiceUnavailableError, nats.errors.TimeoutError, TimeoutError):
+            if loop.time() >= deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 def _is_auth_error(exc: BaseException) -> bool:
@@ -209,7 +409,7 @@ def _is_auth_error(exc: BaseException) -> bool:
 def _connect_failure(target: str, timeout: float, exc: BaseException) -> str:
     if _is_auth_error(exc):
         return (f"the NATS server at {target} refused our credentials ({exc}); check "
-                "JETFLEET_NATS_CREDS or the credentials file")
+                "JETFLEET_NATS_CREDS (a credentials file of this fleet: `jetfleet creds`)")
     return (f"no NATS server answered at {target} within {timeout:g}s: start one with "
             "`jetfleet up` (then export the JETFLEET_NATS_URL it prints), or point --nats / "
             "JETFLEET_NATS_URL at a running server")

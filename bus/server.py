@@ -11,6 +11,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bus.tls import TlsFiles
 
 MIN_SERVER_VERSION = (2, 11, 0)
 
@@ -106,6 +110,7 @@ class EmbeddedServer:
         cluster_port: int | None = None,
         routes: list[str] | None = None,
         extra_config: str = "",
+        tls: TlsFiles | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
@@ -120,6 +125,8 @@ class EmbeddedServer:
         self.routes = routes or []
         # Appended to the generated config (accounts and users, TLS): see bus/security.py.
         self.extra_config = extra_config
+        # Clients connect over TLS with this certificate (bus/tls.py).
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -145,6 +152,8 @@ class EmbeddedServer:
                      f"  listen: {self.host}:{self.cluster_port}\n"
                      f"  routes: [{routes}]\n"
                      "}\n")
+        if self.tls is not None:
+            text += self.tls.server_block()
         return text + self.extra_config
 
     def start(self, timeout: float = 15.0) -> EmbeddedServer:
@@ -198,7 +207,8 @@ class EmbeddedCluster:
     client ports `port`, `port + 1`, ... (free ones when `port` is 0)."""
 
     def __init__(self, data_dir: str | os.PathLike[str], size: int = 3, port: int = 0,
-                 host: str = "127.0.0.1", extra_config: str = "") -> None:
+                 host: str = "127.0.0.1", extra_config: str = "",
+                 tls: TlsFiles | None = None) -> None:
         if size < 1:
             raise ServerError("a cluster needs at least one server")
         self.data_dir = Path(data_dir)
@@ -211,7 +221,7 @@ class EmbeddedCluster:
                            server_name=f"n{i}", cluster_name="jetfleet",
                            cluster_port=cluster_ports[i],
                            routes=[r for j, r in enumerate(routes) if j != i],
-                           extra_config=extra_config)
+                           extra_config=extra_config, tls=tls)
             for i in range(size)]
 
     @property

@@ -19,6 +19,9 @@ HELP: dict[str, str] = {
     "nats_tls_ca": "CA certificate to verify the server's TLS certificate",
     "nats_tls_cert": "client TLS certificate (mutual TLS)",
     "nats_tls_key": "client TLS key (mutual TLS)",
+    "deny_exit_s": "a component whose credentials are refused an action within this many "
+                   "seconds of connecting exits (status 77) instead of retrying; 0: never",
+    "worker_creds": "credentials file a node agent hands to the workers it starts on demand",
     "connect_timeout_s": "a first connect that finds no server fails after this many seconds",
     "lease_ttl_s": "seconds a device lease lives unless renewed (a dead holder's frees then)",
     "advert_ttl_s": "seconds a worker's capability advert lives unless renewed",
@@ -48,6 +51,10 @@ class Settings:
     nats_tls_ca: str = ""
     nats_tls_cert: str = ""
     nats_tls_key: str = ""
+    # A component refused by the server soon after it connects has credentials that
+    # do not fit what it does: it says so and exits rather than retry (bus/security.py).
+    deny_exit_s: float = 30.0
+    worker_creds: str = ""
     # A first connect that finds no server fails after this long (with a clear line).
     connect_timeout_s: float = 5.0
     # Leases and adverts expire through the bucket TTL when their holder dies.

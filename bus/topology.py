@@ -265,6 +265,9 @@ def dispatcher_consumer(s: Settings, cancel: bool = False) -> js_api.ConsumerCon
 def work_consumer_config(s: Settings, capability_type: str, priority: int) -> js_api.ConsumerConfig:
     return js_api.ConsumerConfig(
         durable_name=work_consumer(capability_type, priority),
+        # Named too, so it is declared by the create form that carries its filter in
+        # the subject, which the server checks: see bus/security.py.
+        name=work_consumer(capability_type, priority),
         filter_subject=work_subject(capability_type, priority),
         ack_policy=js_api.AckPolicy.EXPLICIT,
         deliver_policy=js_api.DeliverPolicy.ALL,

@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from bus.server import EmbeddedCluster, EmbeddedServer, die_with_parent
+from ops.fleetsecurity import FleetSecurity
 
 PHASE_WAIT_S = {"drain": 10.0, "SIGINT": 5.0, "SIGTERM": 5.0}
+# A child that exits with this was refused by the server (its credentials do not fit).
+EXIT_DENIED = 77
 
 
 class PortInUse(RuntimeError):
@@ -56,6 +59,7 @@ class Child:
     started_at: float = 0.0
     log_path: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+    given_up: bool = False
 
     def start(self) -> None:
         log = open(self.log_path, "ab") if self.log_path else None
@@ -79,22 +83,31 @@ class Fleet:
     def __init__(self, data_dir: Path, nats_port: int = 0, workers: int = 1,
                  worker_args: list[str] | None = None, children: list[ChildSpec] | None = None,
                  unschedulable_after: float = 30.0, quiet: bool = False,
-                 nats_url: str | None = None, cluster: int = 0) -> None:
+                 nats_url: str | None = None, cluster: int = 0,
+                 security: FleetSecurity | None = None) -> None:
         self.data_dir = data_dir
         self.fleet_id = f"f{random.randrange(16**6):06x}"
         self.server: EmbeddedServer | EmbeddedCluster | None = None
         self.env: dict[str, str] = {}
+        self.replicas = 1
+        # --secure and --tls: keys, credentials per role, certificates (ops/fleetsecurity.py).
+        self.security = security or FleetSecurity(data_dir)
+        self.notes = self.security.notes
         if nats_url is None:
+            auth, tls = self.security.server_config(), self.security.tls
             if cluster > 1:
                 for i in range(cluster if nats_port else 0):
                     check_port_free(nats_port + i)
-                self.server = EmbeddedCluster(data_dir / "nats", size=cluster, port=nats_port)
+                self.server = EmbeddedCluster(data_dir / "nats", size=cluster, port=nats_port,
+                                              extra_config=auth, tls=tls)
                 # Every stream, bucket and the object store replicated.
-                self.env["JETFLEET_REPLICAS"] = str(min(3, cluster))
+                self.replicas = min(3, cluster)
+                self.env["JETFLEET_REPLICAS"] = str(self.replicas)
             else:
                 if nats_port:
                     check_port_free(nats_port)
-                self.server = EmbeddedServer(data_dir / "nats", port=nats_port)
+                self.server = EmbeddedServer(data_dir / "nats", port=nats_port,
+                                             extra_config=auth, tls=tls)
         self.nats_url = nats_url
         if children is None:
             children = [("dispatcher", "dispatcher",
@@ -123,23 +136,51 @@ class Fleet:
         from ops.components import module
 
         kind = getattr(module(component), "CONTROL_KIND", component)
+        argv, secret_env = _secrets_off_the_command_line(argv)
         return Child(name=name, component=component, kind=kind, instance=instance, argv=argv,
                      log_path=logs / f"{name}.log",
-                     env={**self.env, "JETFLEET_NATS_URL": self.url})
+                     env={**self.env, "JETFLEET_NATS_URL": self.url,
+                          **self.security.env(component), **secret_env})
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.server is not None:
             self.server.start()
         self.children = [self._child(c, n, a) for c, n, a in self.specs]
+        sec = self.security
+        if sec.keys is not None:
+            ids = {kind: [c.instance for c in self.children if c.component == kind]
+                   for kind in ("worker", "evolver")}
+            sec.issue(ids["worker"], ids["evolver"], self._app_worker_ids())
+            sec.apply_topology(self.url, self.replicas)
         for child in self.children:
             child.start()
+
+    def _app_worker_ids(self) -> list[str]:
+        """The ids of the workers the node agent may start for its apps
+        (`<node>-<app>-<slot>`), so their credential names them."""
+        from agents.node.appconfig import load_apps
+
+        out: list[str] = []
+        for child in self.children:
+            if child.component != "agent" or "--apps" not in child.argv:
+                continue
+            apps = load_apps(child.argv[child.argv.index("--apps") + 1])
+            out += [f"{self.security.node}-{a.name}-{slot}" for a in apps.apps
+                    for slot in range(a.max)]
+        return out
 
     def supervise_once(self) -> None:
         """Restart children that died, with exponential backoff (up to 30 s)."""
         nowt = time.monotonic()
         for child in self.children:
-            if self._stopping or child.alive():
+            if self._stopping or child.alive() or child.given_up:
+                continue
+            if child.proc is not None and child.proc.returncode == EXIT_DENIED:
+                # Restarting cannot help: its credentials do not fit what it does.
+                child.given_up = True
+                print(f"jetfleet: {child.name} was refused by the NATS server (permission "
+                      f"denied, see {child.log_path}); not restarted", flush=True)
                 continue
             if child.next_start == 0.0:
                 # Forget old crashes once a child has stayed up for a minute.
@@ -180,22 +221,23 @@ class Fleet:
         try:
             import asyncio
 
-            import nats
-
             from bus import topology
+            from bus.connection import connect
 
             async def send() -> None:
-                nc = await nats.connect(self.url.split(","), connect_timeout=2,
-                                        max_reconnect_attempts=1, reconnect_time_wait=0.1)
+                # As admin on a secured fleet (over TLS with --tls).
+                bus = await connect(self.security.admin_settings(), url=self.url,
+                                    name="jetfleet-up", apply_topology=False,
+                                    connect_timeout=2.0)
                 try:
                     for c in alive:
                         try:
-                            await nc.request(topology.control_subject(
+                            await bus.nc.request(topology.control_subject(
                                 c.kind, c.instance, "drain"), b"", timeout=1.0)
                         except Exception:
                             continue  # not answering: the signals that follow stop it
                 finally:
-                    await nc.close()
+                    await bus.nc.close()
 
             asyncio.run(send())
         except Exception:
@@ -212,6 +254,27 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 pass
         return sum(1 for c in children if not c.alive())
+
+
+# Options whose value is a secret: handed to the child in its environment instead,
+# where the process list does not show it (the child reads the same variable).
+_SECRET_OPTIONS = {"--api-token": "JETFLEET_API_TOKEN"}
+
+
+def _secrets_off_the_command_line(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    out: list[str] = []
+    env: dict[str, str] = {}
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg in _SECRET_OPTIONS and i + 1 < len(argv):
+            env[_SECRET_OPTIONS[arg]] = argv[i + 1]
+            skip = True
+            continue
+        out.append(arg)
+    return out, env
 
 
 def describe_stop(ended: dict[str, int]) -> str:
@@ -238,7 +301,47 @@ def fleet_children(args: Any) -> list[ChildSpec]:
     return out
 
 
+class SecurityOptionError(ValueError):
+    """--secure / --tls options that cannot work together: a one-line reason."""
+
+
 def fleet_from(args: Any, data_dir: Path) -> Fleet:
-    """The fleet `up` and `demo` start for these options (PortInUse when taken)."""
-    return Fleet(data_dir, nats_port=args.nats_port, children=fleet_children(args),
-                 nats_url=args.nats, cluster=getattr(args, "cluster", 0))
+    """The fleet `up` and `demo` start for these options (PortInUse when taken,
+    SecurityOptionError for --secure/--tls that cannot work)."""
+    from bus.credentials import CredentialsError
+    from bus.tls import TlsError, TlsFiles, load_or_generate
+
+    secure = bool(getattr(args, "secure", False))
+    given = [getattr(args, f"tls_{k}", None) for k in ("cert", "key", "ca")]
+    wants_tls = bool(getattr(args, "tls", False)) or any(given)
+    if (secure or wants_tls) and args.nats:
+        raise SecurityOptionError(
+            "--secure and --tls configure the embedded server; to join a secured server "
+            "give each component its credentials (`jetfleet creds`) and the TLS CA instead")
+    tls: TlsFiles | None = None
+    try:
+        if any(given):
+            if not all(given):
+                raise SecurityOptionError("--tls-cert, --tls-key and --tls-ca go together")
+            tls = TlsFiles(*(Path(str(p)).absolute() for p in given)).check()
+        elif wants_tls:
+            tls, _ = load_or_generate(data_dir.absolute() / "tls")
+        security = FleetSecurity.prepare(data_dir.absolute(), secure=secure, tls=tls)
+    except (TlsError, CredentialsError) as exc:
+        raise SecurityOptionError(str(exc)) from None
+    if tls is not None:
+        security.notes.append(f"TLS: export JETFLEET_NATS_TLS_CA={tls.ca}")
+    children = fleet_children(args)
+    if secure:
+        children = [_with_api_tokens(spec, security) for spec in children]
+    return Fleet(data_dir, nats_port=args.nats_port, children=children,
+                 nats_url=args.nats, cluster=getattr(args, "cluster", 0), security=security)
+
+
+def _with_api_tokens(spec: ChildSpec, security: FleetSecurity) -> ChildSpec:
+    """A secured fleet's query API is never open: a token file when no token was given."""
+    component, name, argv = spec
+    if component != "query" or "--api-token" in argv or os.environ.get("JETFLEET_API_TOKEN"):
+        return spec
+    tokens = security.api_tokens()
+    return (component, name, [*argv, "--tokens-file", str(tokens)]) if tokens else spec

@@ -335,6 +335,8 @@ class AppSupervisor:
         env = {**os.environ, **cfg.env, "JETFLEET_NODE": self.node, "JETFLEET_APP": cfg.name}
         if self.nats_url:
             env["JETFLEET_NATS_URL"] = self.nats_url
+        if self.bus.settings.worker_creds:  # a secured fleet: its workers run as workers
+            env["JETFLEET_NATS_CREDS"] = self.bus.settings.worker_creds
         if self.simulate_gpus:
             env["JETFLEET_SIMULATED_GPUS"] = str(self.simulate_gpus)
         if probe:
