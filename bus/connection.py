@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -30,9 +31,20 @@ from schemas.fleet import DeadLetter
 log = logging.getLogger(__name__)
 
 
+class _QuietSslEof(logging.Filter):
+    """asyncio warns on every TLS connection nats-py closes ("returning true from
+    eof_received() has no effect when using ssl"): nothing anyone can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received()" not in record.getMessage()
+
+
 def _tls_context(s: Settings) -> ssl.SSLContext | None:
     if not (s.nats_tls_ca or s.nats_tls_cert):
         return None
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _QuietSslEof) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_QuietSslEof())
     ctx = ssl.create_default_context(cafile=s.nats_tls_ca or None)
     if s.nats_tls_cert:
         ctx.load_cert_chain(s.nats_tls_cert, s.nats_tls_key or None)
@@ -287,10 +299,18 @@ async def connect(
         opts["tls"] = tls
     denials = Denials(name, identity, exit_within_s=s.deny_exit_s)
 
+    loop = asyncio.get_running_loop()
+    # A refusal of our credentials or a failed TLS handshake while connecting comes
+    # through the error callback: it ends the first connect at once, with its reason.
+    hopeless: asyncio.Future[BaseException] = loop.create_future()
+
     async def _on_error(exc: Exception) -> None:
         refused = parse_violation(str(exc))
         if refused is not None:
             denials.note(*refused)
+        elif not holder and (_is_auth_error(exc) or _is_tls_error(exc)):
+            if not hopeless.done():
+                hopeless.set_result(exc)
         else:
             log.debug("nats: %s", exc)
 
@@ -305,19 +325,28 @@ async def connect(
             asyncio.get_running_loop().create_task(holder[0]._reconnected())
 
     opts.update(error_cb=_on_error, disconnected_cb=_on_disconnect, reconnected_cb=_on_reconnect)
-    loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    last: BaseException | None = None
     nc: NATS | None = None
     while nc is None:
-        try:
-            nc = await asyncio.wait_for(nats.connect(**opts), max(0.5, deadline - loop.time()))
-        except (OSError, TimeoutError, nats.errors.Error) as exc:
-            last = exc
-            if _is_auth_error(exc) or loop.time() >= deadline:
-                raise ConnectError(_connect_failure(target, timeout, exc)) from None
-            await asyncio.sleep(min(0.2, max(0.0, deadline - loop.time())))
-    del last
+        attempt = asyncio.ensure_future(nats.connect(**opts))
+        either: set[asyncio.Future[Any]] = {attempt, hopeless}
+        await asyncio.wait(either, timeout=max(0.5, deadline - loop.time()),
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not attempt.done():
+            attempt.cancel()
+            with contextlib.suppress(BaseException):
+                await attempt
+            exc: BaseException = hopeless.result() if hopeless.done() else TimeoutError()
+        else:
+            try:
+                nc = attempt.result()
+                break
+            except (OSError, TimeoutError, nats.errors.Error) as failed:
+                exc = failed
+        if hopeless.done() or _is_auth_error(exc) or _is_tls_error(exc) or (
+                loop.time() >= deadline):
+            raise ConnectError(_connect_failure(target, timeout, exc)) from None
+        await asyncio.sleep(min(0.2, max(0.0, deadline - loop.time())))
     # Connected: from now on reconnect for ever, quickly.
     nc.options["max_reconnect_attempts"] = -1
     nc.options["reconnect_time_wait"] = 0.5
@@ -406,7 +435,18 @@ def _is_auth_error(exc: BaseException) -> bool:
     return "authorization" in text or "authentication" in text or "permissions" in text
 
 
+def _is_tls_error(exc: BaseException) -> bool:
+    # nats-py without a TLS context meets a server that requires TLS: "invalid hostname".
+    text = str(exc).lower()
+    return isinstance(exc, ssl.SSLError) or any(
+        w in text for w in ("certificate", "ssl", "tls", "invalid hostname"))
+
+
 def _connect_failure(target: str, timeout: float, exc: BaseException) -> str:
+    if _is_tls_error(exc):
+        return (f"TLS with the NATS server at {target} failed ({getattr(exc, 'reason', exc)}): "
+                "a server with TLS needs JETFLEET_NATS_TLS_CA, the CA that signed its "
+                "certificate")
     if _is_auth_error(exc):
         return (f"the NATS server at {target} refused our credentials ({exc}); check "
                 "JETFLEET_NATS_CREDS (a credentials file of this fleet: `jetfleet creds`)")

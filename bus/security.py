@@ -88,7 +88,7 @@ class Grant:
         if self.role not in ROLES:
             raise GrantError(f"unknown role {self.role!r}: one of {', '.join(ROLES)}")
         if self.role in ("worker", "evolver", "agent") and not self.node:
-            raise GrantError(f"a {self.role} credential is bound to one node: give --node NODE")
+            raise GrantError(f"{'an' if self.role[0] in 'aeiou' else 'a'} {self.role} credential is bound to one node: give --node NODE")
         if self.node is not None and not _TOKEN.match(self.node):
             raise GrantError(f"node {self.node!r}: letters, digits, _ and - only (one subject "
                              "token)")

@@ -13,4 +13,5 @@ COMMAND_MODULES = (
     "ops.commands.nodes",
     "ops.commands.simulate",
     "ops.commands.call",
+    "ops.commands.creds",
 )
