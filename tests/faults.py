@@ -1,0 +1,244 @@
+"""What the fault tests share: a TCP relay that can be frozen (a partition), a
+submitter that rides out a server away, reading a whole stream back after the
+fact, and the end-of-run audit (nothing lost, no result twice).
+
+The audit reads the EVENTS stream afresh at the end rather than trusting a
+subscription that lived through the faults: a follower that went quiet during
+a restart would hide exactly what the test looks for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats.errors
+from nats.js.api import DeliverPolicy
+
+from bus import topology
+from bus.connection import Bus
+from bus.server import free_port
+from schemas.jobs import JobState
+
+# ---- a partition ---------------------------------------------------------------------------
+
+
+class TcpProxy:
+    """A TCP relay from a free local port to `target`, in a thread of its own.
+
+    Frozen, it still accepts connections and reads what either side sends, but
+    forwards nothing in either direction: to both ends the network simply went
+    silent (no reset, no close), as in a partition. Thawed, what was held flows
+    on. `cut()` closes every relayed connection at once.
+    """
+
+    def __init__(self, target_host: str, target_port: int, host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self.host = host
+        self.port = free_port(host)
+        self.loop = asyncio.new_event_loop()
+        self._flowing: asyncio.Event | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                        name="tcp-proxy")
+        self.connections = 0
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self) -> TcpProxy:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        return self
+
+    async def _start(self) -> None:
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._server = await asyncio.start_server(self._relay, self.host, self.port)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            up_r, up_w = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update((writer, up_w))
+        await asyncio.gather(self._pump(reader, up_w), self._pump(up_r, writer),
+                             return_exceptions=True)
+        for w in (writer, up_w):
+            self._writers.discard(w)
+            with contextlib.suppress(Exception):
+                w.close()
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        assert self._flowing is not None
+        try:
+            while data := await src.read(65536):
+                await self._flowing.wait()
+                dst.write(data)
+                await dst.drain()
+        except (ConnectionError, OSError):
+            pass  # one side went away: the other is closed below
+        finally:
+            with contextlib.suppress(Exception):
+                dst.close()
+
+    def freeze(self) -> None:
+        assert self._flowing is not None
+        self.loop.call_soon_threadsafe(self._flowing.clear)
+
+    def thaw(self) -> None:
+        assert self._flowing is not None
+        self.loop.call_soon_threadsafe(self._flowing.set)
+
+    def cut(self) -> None:
+        def close_all() -> None:
+            for w in list(self._writers):
+                w.close()
+
+        self.loop.call_soon_threadsafe(close_all)
+
+    def stop(self) -> None:
+        async def down() -> None:
+            if self._server is not None:
+                self._server.close()
+            for w in list(self._writers):
+                w.close()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(down(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+def port_answers(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        return True
+    return False
+
+
+# ---- load that rides out a server away ------------------------------------------------------
+
+
+async def submit_retrying(client: Any, capability: str, payload: dict[str, Any], *,
+                          job_id: str, timeout: float = 120.0, **kw: Any) -> str:
+    """Submit, trying again while the server is away. The job id is the
+    Nats-Msg-Id, so a submission stored but whose ack was lost is not doubled."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            return str(await client.submit(capability, payload, job_id=job_id, **kw))
+        except (nats.errors.Error, TimeoutError, OSError):
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def retrying(call: Callable[[], Any], timeout: float = 60.0) -> Any:
+    """An awaitable call tried again while the server is away."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            return await call()
+        except (nats.errors.Error, TimeoutError, OSError):
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+# ---- reading back what happened -------------------------------------------------------------
+
+
+async def read_stream(bus: Bus, subject: str, *, timeout: float = 30.0) -> list[Any]:
+    """Every message stored on `subject` now, oldest first, through a fresh
+    ordered consumer (made after the faults, so nothing can have stalled it)."""
+    out: list[Any] = []
+    sub = await retrying(lambda: bus.js.subscribe(subject, ordered_consumer=True,
+                                                  deliver_policy=DeliverPolicy.ALL,
+                                                  pending_msgs_limit=1 << 22,
+                                                  pending_bytes_limit=1 << 32))
+    try:
+        info = await sub.consumer_info()
+        if not info.num_pending and not info.delivered.consumer_seq:
+            return out  # nothing stored: an empty stream sends nothing to say so
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            msg = await sub.next_msg(timeout=max(0.1, deadline - loop.time()))
+            out.append(msg)
+            if msg.metadata.num_pending == 0:
+                return out
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+async def all_job_events(bus: Bus) -> list[dict[str, Any]]:
+    return [json.loads(m.data) for m in await read_stream(bus, topology.JOB_EVENTS_ALL)]
+
+
+async def dead_letters(bus: Bus) -> list[dict[str, Any]]:
+    return [json.loads(m.data) for m in await read_stream(bus, topology.DEAD_ALL)]
+
+
+@dataclass
+class Audit:
+    """Nothing lost, nothing doubled: from the records and a fresh read of EVENTS."""
+
+    jobs: int
+    states: Counter[str]
+    lost: list[str]  # not succeeded
+    duplicates: list[str]  # more than one `succeeded` event, or one that disagrees
+    events: list[dict[str, Any]] = field(repr=False)
+    records: dict[str, JobState] = field(repr=False)
+
+    def ok(self) -> bool:
+        return not self.lost and not self.duplicates
+
+    def count(self, kind: str) -> int:
+        return sum(1 for e in self.events if e["kind"] == kind)
+
+
+async def audit(client: Any, job_ids: list[str]) -> Audit:
+    records: dict[str, JobState] = {}
+    for j in job_ids:
+        s = await retrying(lambda j=j: client.status(j))
+        assert s is not None, f"no record of job {j}"
+        records[j] = s
+    events = await all_job_events(client.bus)
+    wanted = set(job_ids)
+    events = [e for e in events if e.get("job_id") in wanted]
+    succeeded: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        if e["kind"] == "succeeded":
+            succeeded.setdefault(e["job_id"], []).append(e)
+    lost = [j for j in job_ids if records[j].state != "succeeded" or j not in succeeded]
+    duplicates = [j for j, es in succeeded.items()
+                  if len(es) > 1 or es[0]["attempt"] != records[j].attempt]
+    return Audit(jobs=len(job_ids), states=Counter(s.state for s in records.values()),
+                 lost=lost, duplicates=duplicates, events=events, records=records)
+
+
+async def settled(client: Any, job_ids: list[str]) -> bool:
+    """Every job in a terminal state (server away counts as not yet)."""
+    try:
+        for j in job_ids:
+            s = await client.status(j)
+            if s is None or not s.terminal:
+                return False
+    except (nats.errors.Error, TimeoutError):
+        return False
+    return True
+
