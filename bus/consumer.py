@@ -1,4 +1,6 @@
-"""The one consumer loop: pull, decode strictly, run with in-progress acks, settle.
+"""The one consumer loop: pull, decode strictly, run with in-progress acks, settle;
+and the one follower of a stream (`Follower`), for readers that want every message
+in order without a durable consumer.
 
 A handler settles a delivery by returning (ack), raising `Retry` (nak with a
 delay), raising `Reject` (terminate and dead-letter with the reason), or
@@ -18,7 +20,8 @@ from typing import Any, Generic, TypeVar
 
 import nats.errors
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from bus import codec, topology
 from bus.connection import Bus
@@ -280,3 +283,102 @@ class DeadLetterReaper:
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
+
+
+class Follower:
+    """What a stream stores on `subject`, in order, from the first message (or
+    from the one after `after_seq`), through an ordered push consumer.
+
+    The consumer is made afresh from the message after the last one read when
+    the connection came back (a restarted server forgot it), and when it has
+    been quiet for `quiet_s` while the stream holds a newer message on the
+    subject (its server died in a cluster, or it stalled: nats.py #510). On its
+    own, nats.py re-creates a stalled ordered consumer only after two missed
+    idle heartbeats, 10 to 20 s after a restart as measured here.
+    """
+
+    def __init__(self, bus: Bus, subject: str, *, after_seq: int = 0,
+                 quiet_s: float = 2.0) -> None:
+        self.bus = bus
+        self.subject = subject
+        self.last_seq = after_seq
+        self.quiet_s = quiet_s
+        self.resubscribed = 0
+        self._sub: Any = None
+        self._stream: str | None = None
+        self._reconnects = -1
+        self._heard = 0.0
+        self._quiet = quiet_s
+
+    async def _subscribe(self) -> None:
+        await self._drop()
+        loop = asyncio.get_running_loop()
+        self._reconnects = int(self.bus.nc.stats.get("reconnects", 0))
+        if self.last_seq:
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                    opt_start_seq=self.last_seq + 1)
+        else:
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        self._sub = await self.bus.js.subscribe(self.subject, ordered_consumer=True,
+                                                config=config, pending_msgs_limit=1 << 20,
+                                                pending_bytes_limit=1 << 30)
+        self._heard = loop.time()
+
+    async def _drop(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _behind(self) -> bool:
+        """Whether the stream holds a message on the subject newer than the last read."""
+        if self._stream is None:
+            self._stream = await self.bus.js.find_stream_name_by_subject(self.subject)
+        try:
+            raw = await self.bus.js.get_last_msg(self._stream, self.subject)
+        except NotFoundError:
+            return False
+        return int(raw.seq or 0) > self.last_seq
+
+    async def next(self, timeout: float) -> Msg:
+        """The next message; TimeoutError when none came within `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError(f"nothing on {self.subject} within {timeout:g}s")
+            reconnected = int(self.bus.nc.stats.get("reconnects", 0)) != self._reconnects
+            if self._sub is None or (reconnected and self.bus.nc.is_connected):
+                if self._sub is not None:
+                    self.resubscribed += 1
+                try:
+                    await self._subscribe()
+                except (nats.errors.Error, TimeoutError) as exc:
+                    log.debug("following %s: %s; trying again", self.subject, exc)
+                    await asyncio.sleep(min(left, 0.2))
+                    continue
+            try:
+                msg: Msg = await self._sub.next_msg(timeout=min(left, 0.5))
+            except (TimeoutError, nats.errors.TimeoutError):
+                if loop.time() - self._heard >= self._quiet and self.bus.nc.is_connected:
+                    self._heard = loop.time()  # look again after another quiet spell
+                    with contextlib.suppress(nats.errors.Error, TimeoutError):
+                        if await self._behind():
+                            log.info("following %s: quiet with newer messages stored; "
+                                     "re-subscribing", self.subject)
+                            self.resubscribed += 1
+                            await self._drop()
+                        else:
+                            # Idle, not stalled: look less often the longer it lasts.
+                            self._quiet = min(self._quiet * 2, 10 * self.quiet_s)
+                continue
+            self._heard, self._quiet = loop.time(), self.quiet_s
+            seq = int(msg.metadata.sequence.stream)
+            if seq <= self.last_seq:
+                continue  # a re-made consumer may repeat what raced the switch
+            self.last_seq = seq
+            return msg
+
+    async def close(self) -> None:
+        await self._drop()

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from nats.js.api import DeliverPolicy
 from nats.js.errors import NoKeysError
 
 from bus import codec, topology
 from bus.adverts import list_adverts
 from bus.connection import Bus, connect
+from bus.consumer import Follower
 from bus.jobtable import JobTable
 from bus.settings import Settings
 from schemas.common import ObjRef, is_valid_id, new_id
@@ -137,10 +136,10 @@ class Client:
     async def events(self, job_id: str, *, follow: bool = True, timeout: float | None = None,
                      until: frozenset[str] | set[str] = TERMINAL_KINDS
                      ) -> AsyncIterator[JobEvent]:
-        """Every event of the job from the first; with `follow`, until one of `until`."""
-        sub = await self.bus.js.subscribe(topology.job_events(check_job_id(job_id)),
-                                          ordered_consumer=True,
-                                          deliver_policy=DeliverPolicy.ALL)
+        """Every event of the job from the first; with `follow`, until one of `until`.
+        A server restart or a cluster fail-over meanwhile delays events, never
+        drops them (the follower re-subscribes after the last event read)."""
+        follower = Follower(self.bus, topology.job_events(check_job_id(job_id)))
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         try:
@@ -149,7 +148,7 @@ class Client:
                 if left <= 0:
                     raise TimeoutError(f"job {job_id} did not settle within {timeout:g}s")
                 try:
-                    msg = await sub.next_msg(timeout=min(left, 1.0))
+                    msg = await follower.next(timeout=min(left, 1.0))
                 except TimeoutError:
                     if not follow:
                         return
@@ -162,8 +161,7 @@ class Client:
                 if follow and event_kind(event) in until:
                     return
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await follower.close()
 
     async def wait(self, job_id: str, timeout: float | None = None, *,
                    keep_waiting: bool = False) -> JobState:

@@ -1,0 +1,185 @@
+"""The single embedded server (file store) restarted under load, on the same
+port and store: every component reconnects by itself, every follower of a
+stream or a bucket (ordered consumers: the SDK's events() and wait(), the
+monitor's KV mirrors) resumes as soon as the server is back, and no job is
+lost or finished twice.
+
+nats.py recovers an ordered consumer that a restart left behind only when
+its idle-heartbeat check fires (two missed 5 s heartbeats, then another pass
+if the first re-creation found JetStream not ready yet: 10 to 20 s measured
+here), so "resumes" is checked against a bound well under that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bus.adverts import list_adverts
+from bus.control import request
+from bus.jobtable import JobTable
+from bus.server import EmbeddedServer
+from schemas import lifecycle as lc
+from schemas.jobs import JobSubmission
+from services.monitor import Monitor
+from tests.faults import audit, retrying, settled, submit_retrying
+from tests.helpers import eventually, state_is
+
+# Well under nats.py's own recovery of a stalled ordered consumer (10-20 s).
+RESUME_BOUND_S = 6.0
+
+
+def restart(server: EmbeddedServer, how: str, down_s: float = 0.0) -> float:
+    """Stop the server (SIGTERM: a clean shutdown; SIGKILL: none), leave it down
+    `down_s`, and start it again on the same port and store; returns how long
+    it was away."""
+    t0 = time.monotonic()
+    if how == "SIGKILL":
+        server.kill()
+    else:
+        server.stop()
+    time.sleep(down_s)
+    server.start()
+    return time.monotonic() - t0
+
+
+# ---- followers -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+async def test_followers_resume_at_once_after_a_restart(bus, client, components, nats_server,
+                                                        how: str) -> None:
+    """wait() (the SDK's events()) and the monitor's mirror of KV jobs, both
+    started before the restart, see what happens after it within seconds."""
+    monitor = Monitor(bus, lost_after=60.0)
+    mon_task = asyncio.create_task(monitor.run())
+    try:
+        await eventually(lambda: monitor._ready, timeout=20, what="the monitor replayed")
+        await components.dispatcher()
+        job = await client.submit("echo", {"n": 1}, job_id="follow-1")
+        await eventually(lambda: state_is(client, job, "queued"), what="queued, no worker yet")
+        waiter = asyncio.create_task(client.wait(job, timeout=120))
+        await asyncio.sleep(0.5)  # its ordered consumer is in place
+        restart(nats_server, how)
+        await retrying(lambda: bus.js.account_info())
+        # A job record written after the restart: the monitor's index follows KV jobs.
+        table = JobTable(bus)
+        state = lc.new_job(JobSubmission(capability={"type": "hold"}, payload={},
+                                         job_id="mirror-1"), "mirror-1")
+        await retrying(lambda: table.create(state))
+        got = await retrying(lambda: table.transition(
+            "mirror-1", lc.start(1, "w-elsewhere", "node-m", [])))
+        assert got is not None
+        written = time.monotonic()
+        await eventually(lambda: "mirror-1" in monitor.index.jobs, timeout=RESUME_BOUND_S,
+                         what="the monitor's KV mirror to see a record written after the restart")
+        mirror_s = time.monotonic() - written
+        assert monitor.index.jobs["mirror-1"].node == "node-m"
+        # The job finishes after the restart: the waiter hears it promptly.
+        await components.worker()
+        await eventually(lambda: state_is(client, job, "succeeded"), timeout=30,
+                         what="the job done")
+        done = time.monotonic()
+        final = await asyncio.wait_for(waiter, RESUME_BOUND_S)
+        assert final.state == "succeeded" and final.result == {"n": 1}
+        print(f"{how}: the mirror saw a new record after {mirror_s:.2f}s, the waiter "
+              f"returned {time.monotonic() - done:.2f}s after the job ended")
+    finally:
+        monitor.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(mon_task, 15)
+
+
+# ---- the whole fleet under load ------------------------------------------------------------
+
+
+async def _load(client: Any, n: int, rng: random.Random, submitted: list[str],
+                rate: float) -> None:
+    """A job stream: echo, short sleeps on a simulated GPU, and longer ones that
+    outlast a lease renewal (so a restart catches some holding a lease)."""
+    for i in range(n):
+        job_id = f"r{i:04d}"
+        kind = rng.random()
+        if kind < 0.4:
+            await submit_retrying(client, "echo", {"i": i}, job_id=job_id, max_attempts=10)
+        else:
+            seconds = 0.3 if kind < 0.85 else 4.0
+            await submit_retrying(client, "sleep", {"seconds": seconds, "steps": 2},
+                                  job_id=job_id, resources={"gpus": 1}, max_attempts=10)
+        submitted.append(job_id)
+        await asyncio.sleep(rng.expovariate(rate))
+
+
+async def _answers(bus: Any, kind: str, instance: str) -> bool:
+    try:
+        info = await request(bus, kind, instance, "info", timeout=1.0)
+    except Exception:
+        return False
+    return bool(info)
+
+
+# SIGTERM and straight back; SIGKILL and down for longer than the lease TTL and
+# the ack wait (3 s here): running jobs lose their leases and stop, their work
+# messages come back, attempts are retried.
+@pytest.mark.parametrize(("how", "down_s"), [("SIGTERM", 0.0), ("SIGKILL", 4.0)])
+async def test_a_server_restart_under_load_loses_and_doubles_nothing(
+        bus, client, procs, nats_server, tmp_path: Path, how: str, down_s: float) -> None:
+    rng = random.Random(7)
+    members = {
+        ("dispatcher", "d-1"): ("dispatcher", "--instance-id", "d-1"),
+        ("worker", "rw1"): ("worker", "--simulate-gpus", "3", "--node", "rn1", "--no-kernels",
+                            "--worker-id", "rw1"),
+        ("worker", "rw2"): ("worker", "--simulate-gpus", "3", "--node", "rn2", "--no-kernels",
+                            "--worker-id", "rw2"),
+        ("monitor", "m-1"): ("monitor", "--instance-id", "m-1", "--lost-after", "20"),
+        ("agent", "a-1"): ("agent", "--instance-id", "a-1", "--node", "rn1",
+                           "--simulate-gpus", "2", "--heartbeat", "1",
+                           "--metrics-interval", "2"),
+    }
+    children = {key: procs.run(*argv, name=key[1]) for key, argv in members.items()}
+    for kind, instance in members:
+        await eventually(lambda k=kind, i=instance: _answers(bus, k, i), timeout=60,
+                         what=f"{instance} up")
+    await eventually(lambda: _workers(bus, 2), timeout=60, what="both workers advertised")
+    submitted: list[str] = []
+    load = asyncio.create_task(_load(client, 160, rng, submitted, rate=15.0))
+    await eventually(lambda: len(submitted) >= 50, timeout=60, what="load flowing")
+    away_s = await asyncio.to_thread(restart, nats_server, how, down_s)
+    back = time.time()
+    await asyncio.wait_for(load, 120)
+    await eventually(lambda: settled(client, submitted), timeout=180, interval=0.5,
+                     what="every job to finish")
+    result = await audit(client, submitted)
+    assert result.ok(), (result.lost, result.duplicates, result.states)
+    # Work went on after the restart, and every component is still there and
+    # answering on its control endpoint (reconnected, not restarted).
+    after = [e for e in result.events if e["kind"] == "succeeded" and e["ts"] > back]
+    assert after, "no job finished after the restart"
+    assert all(p.poll() is None for p in children.values())
+    for kind, instance in members:
+        await eventually(lambda k=kind, i=instance: _answers(bus, k, i), timeout=20,
+                         what=f"{instance} answering after the restart")
+    # The monitor still hears the agent (a restart shorter than --lost-after
+    # is no lost node), and its mirror of KV jobs caught up: nothing open.
+    mon = await request(bus, "monitor", "m-1", "info")
+    assert mon["lost"] == 0 and mon["nodes_alive"] >= 1
+
+    async def monitor_caught_up() -> bool:
+        info = await request(bus, "monitor", "m-1", "info")
+        return info["open_jobs"] == 0 and info["heartbeats"] > mon["heartbeats"]
+
+    await eventually(monitor_caught_up, timeout=RESUME_BOUND_S, what="the monitor caught up")
+    first_after = min(e["ts"] for e in after)
+    print(f"{how}: server away {away_s:.2f}s; first job done {first_after - back:.2f}s after "
+          f"it was back; states {dict(result.states)}; lost attempts {result.count('lost')}, "
+          f"retries {result.count('retrying')}")
+
+
+async def _workers(bus: Any, n: int) -> bool:
+    return len(await list_adverts(bus)) >= n
