@@ -244,26 +244,29 @@ class Denials:
                 handler.flush()
             sys.stderr.flush()
             os._exit(EXIT_DENIED)
-        logged = (action, key)
+        failed = self._fail_requests(requests, exc) if action == "publish to" else 0
         # A client's refused request raises with this very line: no need to log it too.
-        told = bool(requests) and not self.components
+        told = failed > 0 and not self.components
+        logged = (action, key)
         if not told and t - self._logged.get(logged, -self.LOG_EVERY_S) >= self.LOG_EVERY_S:
             self._logged[logged] = t
             log.error("permission denied: %s", exc)
-        if action == "publish to":
-            self._fail_requests(requests, exc)
         return exc
 
-    def _fail_requests(self, replies: list[str], exc: PermissionDenied) -> None:
-        """Fail at once the requests sent to the refused subject (they would time out)."""
+    def _fail_requests(self, replies: list[str], exc: PermissionDenied) -> int:
+        """Fail at once the requests sent to the refused subject (they would time out);
+        returns how many."""
         nc = self._nc
         prefix = bytes(getattr(nc, "_resp_sub_prefix", None) or b"").decode()
         waiting: dict[str, asyncio.Future[Any]] = getattr(nc, "_resp_map", None) or {}
+        failed = 0
         for reply in replies:
             del self._replies[reply]
             future = waiting.get(reply.removeprefix(prefix)) if prefix else None
             if future is not None and not future.done():
                 future.set_exception(PermissionDenied(self.who, exc.action, exc.subject))
+                failed += 1
+        return failed
 
 
 async def connect(
