@@ -14,11 +14,14 @@ import asyncio
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bus.credentials import FleetKeys, private_dir, write_creds, write_secret
 from bus.security import EVOLVER_CAPABILITIES, Grant
 from bus.settings import Settings
-from bus.tls import TlsFiles
+
+if TYPE_CHECKING:
+    from bus.tls import TlsFiles
 
 # The role each component runs under.
 COMPONENT_ROLES = {"dispatcher": "dispatcher", "worker": "worker", "evolver": "evolver",

@@ -309,7 +309,6 @@ def fleet_from(args: Any, data_dir: Path) -> Fleet:
     """The fleet `up` and `demo` start for these options (PortInUse when taken,
     SecurityOptionError for --secure/--tls that cannot work)."""
     from bus.credentials import CredentialsError
-    from bus.tls import TlsError, TlsFiles, load_or_generate
 
     secure = bool(getattr(args, "secure", False))
     given = [getattr(args, f"tls_{k}", None) for k in ("cert", "key", "ca")]
@@ -318,6 +317,11 @@ def fleet_from(args: Any, data_dir: Path) -> Fleet:
         raise SecurityOptionError(
             "--secure and --tls configure the embedded server; to join a secured server "
             "give each component its credentials (`jetfleet creds`) and the TLS CA instead")
+    if not (secure or wants_tls):
+        return Fleet(data_dir, nats_port=args.nats_port, children=fleet_children(args),
+                     nats_url=args.nats, cluster=getattr(args, "cluster", 0))
+    from bus.tls import TlsError, TlsFiles, load_or_generate
+
     tls: TlsFiles | None = None
     try:
         if any(given):
