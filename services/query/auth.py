@@ -5,6 +5,11 @@ token a line, `TOKEN read` or `TOKEN read,write` (`#` starts a comment). A
 request under /api/v1 sends `Authorization: Bearer TOKEN`: none or an unknown
 one is 401, a token without the route's scope is 403. With no token at all the
 API is open (and the service says so when it starts).
+
+On a secured bus (docs/security.md) the service runs as NATS role `query`: it
+reads every stream, and the write scope publishes exactly what role `client`
+may (jobs.submit, jobs.cancel), so a write token can submit and cancel as a
+client can and nothing more. `jetfleet up --secure` never leaves the API open.
 """
 
 from __future__ import annotations
