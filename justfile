@@ -24,7 +24,7 @@ gpu:
     python -m pytest -q -m gpu -p no:cacheprovider
 
 lint:
-    ruff check bus schemas services agents ops tests
+    ruff check bus schemas sdk services agents ops tests examples
     mypy
 
 # every benchmark, each beside its raw baseline

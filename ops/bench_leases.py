@@ -127,17 +127,17 @@ async def _latency(url: str, settings: Settings, cycles: int, repeats: int) -> d
     def med(kind: str, op: str, q: float) -> float:
         return statistics.median(percentile(r[kind][op], q) for r in runs) * 1000
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for op, raw_op in (("acquire", "create"), ("acquire-miss", "create"), ("renew", "update"),
                        ("release", "delete")):
+        p50, raw_p50 = med("lease", op, 0.5), med("raw", raw_op, 0.5)
         rows.append({
             "op": op, "raw_op": raw_op,
             "n": sum(len(r["lease"][op]) for r in runs),
-            "p50_ms": med("lease", op, 0.5), "p99_ms": med("lease", op, 0.99),
-            "raw_p50_ms": med("raw", raw_op, 0.5), "raw_p99_ms": med("raw", raw_op, 0.99),
+            "p50_ms": p50, "p99_ms": med("lease", op, 0.99),
+            "raw_p50_ms": raw_p50, "raw_p99_ms": med("raw", raw_op, 0.99),
+            "ratio_p50": p50 / raw_p50 if raw_p50 else None,
         })
-    for row in rows:
-        row["ratio_p50"] = row["p50_ms"] / row["raw_p50_ms"] if row["raw_p50_ms"] else None
     return {"holders": HOLDERS, "keys": KEYS, "cycles_per_holder": cycles, "repeats": repeats,
             "violations": sum(r["lease"]["violations"] for r in runs), "rows": rows}
 

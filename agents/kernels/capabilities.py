@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
-from typing import Any
+from typing import Any, Literal
 
 from agents.kernels.evaluate import KernelEvalCancelled, cuda_present, evaluate
 from agents.kernels.generate import normalized_hash
@@ -59,7 +59,24 @@ LABELS = {"backend": BACKEND, "dsl": "triton"}
 # Per evaluation child (resident memory watchdog; RLIMIT_AS only when interpreted).
 MEMORY_MB = int(os.environ.get("JETFLEET_KERNEL_MEMORY_MB", "4096"))
 
+
+def sandbox_mode() -> Literal["best", "strict"]:
+    """`strict` (`jetfleet run worker --sandbox strict`): evaluate only under full
+    isolation; `best` (default): the strongest this host has, named in each result."""
+    mode = os.environ.get("JETFLEET_SANDBOX", "best").strip().lower()
+    return "strict" if mode == "strict" else "best"
+
 kernels = App("kernels")
+
+
+@kernels.on_start
+async def warm_evaluator() -> None:
+    """Probe the isolation and start the evaluator's fork server in the background,
+    so the first evaluation does not pay for importing torch."""
+    from agents.kernels.evaluate import warm_up
+
+    task = asyncio.get_running_loop().run_in_executor(None, warm_up)
+    task.add_done_callback(lambda f: f.exception())  # a failure shows at the first evaluation
 
 
 def leased_devices(ctx: JobContext) -> list[str]:
@@ -88,7 +105,7 @@ async def run_evaluation(ctx: JobContext, p: VerifyPayload | ProfilePayload) -> 
             evaluate, kind, problem.source, candidate,  # type: ignore[arg-type]
             trials=p.trials, atol=p.atol, rtol=p.rtol, seed=p.seed,
             timeout_s=p.eval_timeout_s, memory_mb=MEMORY_MB, devices=devices,
-            cancel_event=ctx.cancel_flag, **extra)
+            cancel_event=ctx.cancel_flag, isolation=sandbox_mode(), **extra)
     except KernelEvalCancelled as exc:
         raise JobError("cancelled", "evaluation cancelled", retryable=False) from exc
     except (OSError, RuntimeError) as exc:  # could not start or read the sandbox

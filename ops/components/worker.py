@@ -37,6 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-builtin", action="store_true", help="do not serve echo and sleep")
     p.add_argument("--no-kernels", action="store_true", help="do not serve kernel.verify/profile")
     p.add_argument("--no-nvml", action="store_true", help="ignore real GPUs (NVML)")
+    p.add_argument("--sandbox", choices=("best", "strict"),
+                   default=os.environ.get("JETFLEET_SANDBOX", "best"),
+                   help="kernel candidates: best = the strongest isolation this host has "
+                        "(named in each result); strict = refuse to start without full "
+                        "isolation (user, pid, mount, net and IPC namespaces)")
 
 
 def add_up_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,7 +117,16 @@ def worker_app(args: argparse.Namespace) -> Any:
 
 def check(args: argparse.Namespace) -> None:
     """Fail before connecting when the options cannot work."""
-    worker_app(args)
+    app = worker_app(args)
+    os.environ["JETFLEET_SANDBOX"] = args.sandbox
+    if args.sandbox == "strict" and any(t.startswith("kernel.") for t in app.capabilities):
+        from agents.kernels.isolation import available
+
+        info = available()
+        if not info.full:
+            raise UserError(f"--sandbox strict: this host cannot fully isolate kernel "
+                            f"candidates ({info.detail}); run with --sandbox best, or fix "
+                            "the host")
 
 
 async def run(bus: Bus, args: argparse.Namespace, stopping: asyncio.Event,
