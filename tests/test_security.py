@@ -515,3 +515,24 @@ async def test_up_secure_cluster_runs_a_job(tmp_path: Path) -> None:
             assert info.config.num_replicas == 3
         finally:
             await admin.close()
+
+
+async def test_an_nkey_seed_file_authenticates_too(tmp_path: Path) -> None:
+    """A server configured with plain nkey users: JETFLEET_NATS_CREDS may name a seed file."""
+    import nkeys
+
+    from bus.credentials import write_secret
+
+    user = nkeys.from_seed(bytearray(nkeys.encode_seed(b"\x01" * 32, nkeys.PREFIX_BYTE_USER)))
+    seed = tmp_path / "user.nk"
+    write_secret(seed, user.seed.decode() + "\n")
+    config = f"authorization {{ users = [ {{ nkey: {user.public_key.decode()} }} ] }}\n"
+    with EmbeddedServer(tmp_path / "nats", extra_config=config) as server:
+        with pytest.raises(ConnectError, match="refused our credentials"):
+            await connect(Settings(), url=server.url, connect_timeout=10)
+        bus = await connect(Settings(nats_creds=str(seed)), url=server.url)
+        try:
+            assert bus.identity is not None and bus.identity.user == user.public_key.decode()
+            assert await Client(bus).submit("echo", {"nkey": True})
+        finally:
+            await bus.close()
