@@ -359,7 +359,9 @@ async def connect(
     except ServerError:
         await nc.close()
         raise
-    denials.attach(nc)
+    if (identity is not None and identity.role != "admin") or "@" in target:
+        # Only a user with limited permissions can be refused: the others pay nothing.
+        denials.attach(nc)
     js = nc.jetstream(timeout=10)
     bus = Bus(nc, js, s, name, identity, denials)
     holder.append(bus)

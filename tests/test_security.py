@@ -536,3 +536,25 @@ async def test_an_nkey_seed_file_authenticates_too(tmp_path: Path) -> None:
             assert await Client(bus).submit("echo", {"nkey": True})
         finally:
             await bus.close()
+
+
+async def test_the_dispatcher_declares_the_topology_other_roles_wait_for_it(
+        tmp_path: Path) -> None:
+    """A real cluster has no launcher: the dispatcher (or an admin) declares streams,
+    buckets and the object store; a role that may not says so in one line."""
+    keys = FleetKeys.generate()
+    with EmbeddedServer(tmp_path / "nats", extra_config=keys.server_config()) as server:
+        sec = Secured(server, keys, tmp_path)
+        with pytest.raises(ConnectError, match="start the dispatcher"):
+            await connect(Settings(nats_creds=sec.creds(GRANTS["worker"])), url=server.url)
+        dispatcher = await sec.connect(GRANTS["dispatcher"])
+        worker = await sec.connect(GRANTS["worker"])
+        try:
+            assert dispatcher.denials.count == 0
+            for bucket in (topology.KV_JOBS, topology.KV_LEASES, topology.KV_CAPABILITIES):
+                assert await worker.kv(bucket) is not None
+            await _declare_consumer(worker, "echo")
+            assert worker.denials.count == 0
+        finally:
+            await worker.close()
+            await dispatcher.close()
