@@ -498,8 +498,9 @@ def test_an_api_token_given_to_up_reaches_the_query_service_by_environment(tmp_p
     assert child.env["JETFLEET_API_TOKEN"] == "T0k"
 
 
-@pytest.mark.soak
 async def test_up_secure_cluster_runs_a_job(tmp_path: Path) -> None:
+    """`--secure` and `--cluster 3` combine: three routed servers trusting the
+    fleet's accounts, everything R3, a job through client credentials."""
     data = tmp_path / "fleet"
     with up(data, "--secure", "--cluster", "3", "--workers", "1", "--no-api") as fleet:
         assert fleet.url.count(",") == 2
