@@ -22,6 +22,7 @@ from opentelemetry.trace import SpanKind
 
 from bus import codec, topology, tracing
 from bus.credentials import CredentialsError, Identity, loose_mode, read_identity
+from bus.publisher import Publisher
 from bus.security import APPLIES_TOPOLOGY, COMPONENT_ROLES, ROLES
 from bus.server import ServerError, check_version
 from bus.settings import Settings
@@ -63,6 +64,8 @@ class Bus:
         # Who the credentials say we are (None: no credentials), and what the server refused.
         self.identity = identity
         self.denials = denials or Denials(name, identity)
+        # The lean JetStream publish every hot path uses (bus.publisher).
+        self.publisher = Publisher(nc, self.denials.futures)
         self._kv: dict[str, KeyValue] = {}
         self._reconnect_hooks: list[Callable[[], Awaitable[None]]] = []
 
@@ -98,7 +101,7 @@ class Bus:
             hdrs["Nats-Msg-Id"] = msg_id
         body = message if isinstance(message, bytes) else codec.encode(message)
         if not tracing.enabled():
-            return await self.js.publish(subject, body, headers=hdrs or None, timeout=timeout)
+            return await self.publisher.publish(subject, body, hdrs, timeout)
         with tracing.span(f"publish {subject.split('.')[0]}", kind=SpanKind.PRODUCER,
                           attributes=tracing.messaging_attrs(subject, "publish", msg_id)):
             tracing.inject(hdrs)
@@ -136,6 +139,7 @@ class Bus:
     async def close(self) -> None:
         if self.nc.is_closed:
             return
+        await self.publisher.close()
         try:
             await asyncio.wait_for(self.nc.drain(), timeout=5)
         except (TimeoutError, nats.errors.Error):
@@ -200,6 +204,8 @@ class Denials:
         self._spelled: dict[str, str] = {}
         self._nc: NATS | None = None
         self._since = time.monotonic()
+        # Futures of publishes awaiting their ack, by reply subject (bus.publisher).
+        self.futures: dict[str, asyncio.Future[Any]] = {}
 
     def attach(self, nc: NATS) -> None:
         """Remember the subject of each request `nc` sends (a wrapper around its publish)."""
@@ -263,6 +269,8 @@ class Denials:
         for reply in replies:
             del self._replies[reply]
             future = waiting.get(reply.removeprefix(prefix)) if prefix else None
+            if future is None:  # sent by the lean publisher (bus.publisher)?
+                future = self.futures.get(reply)
             if future is not None and not future.done():
                 future.set_exception(PermissionDenied(self.who, exc.action, exc.subject))
                 failed += 1

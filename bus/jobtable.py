@@ -15,8 +15,9 @@ from typing import Any
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from bus import codec, topology
+from bus import codec, topology, tracing
 from bus.connection import Bus
+from bus.publisher import cas
 from schemas.common import now
 from schemas.events import JobEvent, event_kind
 from schemas.jobs import JobState
@@ -71,9 +72,13 @@ class JobTable:
         state.updated_at = now()
         raw = codec.encode(state)
         try:
-            rev = int(await kv.create(state.job_id, raw))
+            rev = await cas(self.bus.publisher, topology.kv_subject(topology.KV_JOBS,
+                                                                    state.job_id), raw, 0)
         except KeyWrongLastSequenceError:
-            return None
+            try:  # a deleted key can be made again (what nats-py's create does)
+                rev = int(await kv.create(state.job_id, raw))
+            except KeyWrongLastSequenceError:
+                return None
         self._remember(state.job_id, raw, rev)
         return rev
 
@@ -84,7 +89,6 @@ class JobTable:
         `mutate` returns the new state, or None to leave the job as it is
         (then None is returned). The job must exist.
         """
-        kv = await self.kv()
         cached = self._last.get(job_id)
         for _ in range(retries):
             if cached is not None:
@@ -103,7 +107,8 @@ class JobTable:
             new.updated_at = now()
             raw = codec.encode(new)
             try:
-                new_rev = int(await kv.update(job_id, raw, last=rev))
+                new_rev = await cas(self.bus.publisher,
+                                    topology.kv_subject(topology.KV_JOBS, job_id), raw, rev)
             except KeyWrongLastSequenceError:
                 cached = None
                 await asyncio.sleep(0.005)
@@ -119,8 +124,12 @@ async def emit(bus: Bus, event: JobEvent, headers: dict[str, str] | None = None)
         kind = event_kind(event)
         event.event_id = (f"{event.job_id}.{event.attempt}.{kind}" if kind != "progress"
                           else f"{event.job_id}.{event.attempt}.progress.{now():.6f}")
-    await bus.publish(topology.job_events(event.job_id), event, msg_id=event.event_id,
-                      headers=headers)
+    if tracing.enabled() or headers:
+        await bus.publish(topology.job_events(event.job_id), event, msg_id=event.event_id,
+                          headers=headers)
+        return
+    await bus.publisher.publish(topology.job_events(event.job_id), codec.encode(event),
+                                headers={"Nats-Msg-Id": event.event_id})
 
 
 def state_dict(state: JobState) -> dict[str, Any]:

@@ -1,0 +1,138 @@
+"""The lean JetStream publish on the hot path: one reply subscription per
+connection, a future per message, no timer per message.
+
+nats-py's `js.publish` is a request: a fresh token, a future and a
+`wait_for` timer each time, and the ack parsed with `json` into a dataclass;
+at a few thousand messages a second that bookkeeping costs more than the
+message. Here every publish shares one wildcard reply subscription, acks are
+decoded with msgspec, and a single sweeper fails the futures of publishes
+unanswered after their timeout. Errors are nats-py's (APIError,
+KeyWrongLastSequenceError, NoStreamResponseError, TimeoutError), so callers
+handle them as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import errors as js_errors
+from nats.js.api import Header, PubAck
+
+NO_RESPONDERS = "503"
+_WRONG_LAST = (10071, 10164)
+
+
+class _Error(msgspec.Struct):
+    code: int = 0
+    err_code: int | None = None
+    description: str | None = None
+
+
+class _Ack(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool | None = None
+    domain: str | None = None
+    error: _Error | None = None
+
+
+_decode_ack = msgspec.json.Decoder(_Ack).decode
+
+
+class Publisher:
+    def __init__(self, nc: NATS, registry: dict[str, asyncio.Future[Any]] | None = None) -> None:
+        self.nc = nc
+        # Where a refusal of the server (bus.connection.Denials) finds the futures.
+        self.registry: dict[str, asyncio.Future[Any]] = {} if registry is None else registry
+        self._prefix = ""
+        self._sub: Any = None
+        self._waiting: dict[str, tuple[asyncio.Future[PubAck], float]] = {}
+        self._tokens = itertools.count()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def _start(self) -> None:
+        async with self._lock:
+            if self._sub is not None:
+                return
+            nc = self.nc
+            self._prefix = f"{nc.new_inbox()}."
+            self._sub = await nc.subscribe(f"{self._prefix}*", cb=self._on_ack)
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def publish(self, subject: str, body: bytes, headers: dict[str, str] | None = None,
+                      timeout: float = 10.0) -> PubAck:
+        if self._sub is None:
+            await self._start()
+        token = str(next(self._tokens))
+        reply = self._prefix + token
+        future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = (future, time.monotonic() + timeout)
+        denials = self.registry
+        denials[reply] = future
+        try:
+            await self.nc.publish(subject, body, reply=reply, headers=headers or None)
+            return await future
+        finally:
+            self._waiting.pop(token, None)
+            denials.pop(reply, None)
+
+    async def _on_ack(self, msg: Msg) -> None:
+        got = self._waiting.get(msg.subject[len(self._prefix):])
+        if got is None or got[0].done():
+            return
+        future = got[0]
+        if msg.headers and msg.headers.get(Header.STATUS) == NO_RESPONDERS:
+            future.set_exception(js_errors.NoStreamResponseError())
+            return
+        try:
+            ack = _decode_ack(msg.data)
+        except msgspec.DecodeError as exc:
+            future.set_exception(js_errors.Error(f"unreadable publish ack: {exc}"))
+            return
+        if ack.error is not None:
+            e = ack.error
+            if e.err_code in _WRONG_LAST:
+                future.set_exception(js_errors.KeyWrongLastSequenceError(
+                    description=e.description))
+            else:
+                future.set_exception(js_errors.APIError(code=e.code, err_code=e.err_code,
+                                                        description=e.description))
+            return
+        future.set_result(PubAck(stream=ack.stream, seq=ack.seq, domain=ack.domain,
+                                 duplicate=ack.duplicate))
+
+    async def _sweep(self) -> None:
+        """Fail the publishes whose ack never came (one timer for all of them)."""
+        while True:
+            await asyncio.sleep(0.25)
+            t = time.monotonic()
+            for token, (future, deadline) in list(self._waiting.items()):
+                if t >= deadline and not future.done():
+                    future.set_exception(nats.errors.TimeoutError())
+                    self._waiting.pop(token, None)
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+
+
+
+async def cas(publisher: Publisher, subject: str, value: bytes, last: int) -> int:
+    """Compare-and-set one KV key (`subject` is `$KV.<bucket>.<key>`; `last` 0:
+    create); KeyWrongLastSequenceError when it moved on. The new revision."""
+    ack = await publisher.publish(subject, value,
+                                  headers={Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(last)})
+    return int(ack.seq)
