@@ -11,6 +11,9 @@
     Busy        -                        -              nak after a short delay
     Abandoned   -                        -              left for the attempt that owns it
     Announced   -                        its terminal event again       ack (dead: term)
+
+An event is stored before its message is settled (ack, nak, term), so a refused
+event leaves the message to come back and the event to be said again.
     Rejected    -                        -              dead-letter, term
 
 A record write that finds the job owned elsewhere (another attempt took it)
@@ -22,7 +25,6 @@ in flight (running, progress) and goes out together with the acknowledgement.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -59,7 +61,8 @@ log = logging.getLogger(__name__)
 
 class Settler:
     def __init__(self, bus: Bus, ledger: Ledger, worker_id: str,
-                 ring_for_others: Callable[[str, float], None], objects: ObjectStore) -> None:
+                 ring_for_others: Callable[[str, int, float], None],
+                 objects: ObjectStore) -> None:
         self.bus = bus
         self.objects = objects
         self.ledger = ledger
@@ -102,8 +105,7 @@ class Settler:
         elif isinstance(outcome, Announced):
             event = self.ledger.reannouncement(outcome.state)
             if event is not None:
-                with contextlib.suppress(Exception):
-                    await emit(self.bus, event)
+                await emit(self.bus, event)  # refused: not settled, said again later
             if outcome.state.state == "dead":
                 await self._dead_letter(att, outcome.state.error.message
                                         if outcome.state.error else "dead")
@@ -134,12 +136,14 @@ class Settler:
             return
         if att.pending:
             await asyncio.gather(*att.pending, return_exceptions=True)
-        work: list[Any] = []
+        # The event is stored before the message is settled, never beside it: the
+        # two go to different streams (in a cluster, different leaders), and an
+        # ack that lands while the event is refused would lose the event for good.
+        # Refused, it raises: the message comes back and the event is said again.
         if event is not None:
-            work.append(emit(self.bus, event))
+            await emit(self.bus, event)
         if ack is not None:
-            work.append(ack())
-        await asyncio.gather(*work)
+            await ack()
 
     async def _delegate(self, att: Attempt, reason: str) -> None:
         """Hand the job back for another worker without using an attempt; said
@@ -157,7 +161,7 @@ class Settler:
         await att.delivery.nak(delay)
         # Once it is back in the stream, ring the others' doorbell (not ours):
         # otherwise this worker's own next poll tends to win the race for it.
-        self.ring_for_others(item.capability["type"], delay + 0.05)
+        self.ring_for_others(item.capability["type"], item.priority, delay + 0.05)
 
     async def _dead_letter(self, att: Attempt, reason: str) -> None:
         d = att.delivery
