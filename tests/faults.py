@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
+import random
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,10 +25,13 @@ from typing import Any
 import nats.errors
 from nats.js.api import DeliverPolicy
 
-from bus import topology
+from bus import codec, topology
 from bus.connection import Bus
+from bus.consumer import Follower
 from bus.server import free_port
+from schemas.fleet import LeaseRecord
 from schemas.jobs import JobState
+from tests.helpers import KvOp
 
 # ---- a partition ---------------------------------------------------------------------------
 
@@ -145,6 +151,43 @@ async def submit_retrying(client: Any, capability: str, payload: dict[str, Any],
             await asyncio.sleep(0.1)
 
 
+async def job_stream(client: Any, n: int, rng: random.Random, submitted: list[str], *,
+                     rate: float, prefix: str = "r", long_s: float = 4.0) -> None:
+    """A job stream at about `rate` a second: echo; short `hold`s of a simulated
+    GPU (tests/faultapp.py, which keeps its own account of device use); and a
+    few that hold it for `long_s`, past a lease renewal or two, so a fault
+    catches some holding a lease."""
+    for i in range(n):
+        job_id = f"{prefix}{i:05d}"
+        kind = rng.random()
+        if kind < 0.4:
+            await submit_retrying(client, "echo", {"i": i}, job_id=job_id, max_attempts=10)
+        else:
+            seconds = 0.3 if kind < 0.85 else long_s
+            await submit_retrying(client, "hold", {"seconds": seconds}, job_id=job_id,
+                                  max_attempts=10)
+        submitted.append(job_id)
+        await asyncio.sleep(rng.expovariate(rate))
+
+
+def device_overlaps(runs: list[dict[str, Any]]) -> list[str]:
+    """Runs that used one device at the same time, by the handlers' own account
+    (tests/faultapp.py); a run that never ended counts as still running."""
+    per: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        for d in r["devices"]:
+            per.setdefault(d, []).append(r)
+    bad = []
+    for d, rs in per.items():
+        rs.sort(key=lambda r: r["start"])
+        for a, b in itertools.pairwise(rs):
+            end = a["end"] if a["end"] is not None else float("inf")
+            if b["start"] < end:
+                bad.append(f"{d}: {a['job_id']}#{a['attempt']} ran until {end:.3f}, "
+                           f"{b['job_id']}#{b['attempt']} started at {b['start']:.3f}")
+    return bad
+
+
 async def retrying(call: Callable[[], Any], timeout: float = 60.0) -> Any:
     """An awaitable call tried again while the server is away."""
     loop = asyncio.get_running_loop()
@@ -191,6 +234,52 @@ async def all_job_events(bus: Bus) -> list[dict[str, Any]]:
 
 async def dead_letters(bus: Bus) -> list[dict[str, Any]]:
     return [json.loads(m.data) for m in await read_stream(bus, topology.DEAD_ALL)]
+
+
+class LeaseTap:
+    """Every write to KV `leases`, as tests.helpers.LeaseHistory records them,
+    through a Follower, so the record survives a restart or a server killed
+    under it. `missed` counts writes that expired (after the bucket TTL) before
+    the tap could read them: with any, the replay is incomplete."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.ops: list[KvOp] = []
+        self.missed = 0
+        self.gaps: list[tuple[float, int, int, int]] = []
+        self._follower = Follower(bus, topology.kv_subject(topology.KV_LEASES, ">"),
+                                  quiet_s=0.5)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> LeaseTap:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        prefix = topology.kv_subject(topology.KV_LEASES)
+        while True:
+            try:
+                msg = await self._follower.next(timeout=5.0)
+            except TimeoutError:
+                continue
+            seq = int(msg.metadata.sequence.stream)
+            if self.ops and seq > self._last + 1:
+                self.missed += seq - self._last - 1
+                self.gaps.append((time.time(), self._last, seq, self._follower.resubscribed))
+            self._last = seq
+            op = (msg.headers or {}).get("KV-Operation", "PUT")
+            rec = codec.decode(msg.data, LeaseRecord) if op == "PUT" and msg.data else None
+            self.ops.append(KvOp(key=msg.subject.removeprefix(prefix), op=op,
+                                 ts=msg.metadata.timestamp.timestamp(), record=rec))
+
+    _last = 0
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        await self._follower.close()
 
 
 @dataclass

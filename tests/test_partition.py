@@ -14,7 +14,6 @@ was in use does not depend on the bus the fault cut.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import signal
 import time
@@ -23,7 +22,7 @@ from typing import Any
 
 from bus.adverts import list_adverts
 from tests import faultapp
-from tests.faults import TcpProxy, audit, settled
+from tests.faults import TcpProxy, audit, device_overlaps, settled
 from tests.helpers import LeaseHistory, eventually, replay, state_is
 
 HOLD = ("--app", "tests.faultapp:app", "--no-builtin", "--no-kernels")
@@ -40,23 +39,6 @@ def _worker(procs: Any, wid: str, node: str, gpus: int, fault_dir: Path,
 
 async def _advertised(bus: Any, *wids: str) -> bool:
     return set(wids) <= {a.worker_id for a in await list_adverts(bus)}
-
-
-def _no_overlap(runs: list[dict[str, Any]]) -> list[str]:
-    """Runs that used one device at the same time, by the handlers' own account."""
-    per: dict[str, list[dict[str, Any]]] = {}
-    for r in runs:
-        assert r["start"] is not None and r["end"] is not None, r
-        for d in r["devices"]:
-            per.setdefault(d, []).append(r)
-    bad = []
-    for d, rs in per.items():
-        rs.sort(key=lambda r: r["start"])
-        for a, b in itertools.pairwise(rs):
-            if b["start"] < a["end"]:
-                bad.append(f"{d}: {a['job_id']}#{a['attempt']} ran until {a['end']:.3f}, "
-                           f"{b['job_id']}#{b['attempt']} started at {b['start']:.3f}")
-    return bad
 
 
 async def test_a_partitioned_worker_stops_before_its_job_runs_elsewhere(
@@ -105,7 +87,7 @@ async def test_a_partitioned_worker_stops_before_its_job_runs_elsewhere(
         await asyncio.sleep(ttl)  # time for any write A held back to land
 
         runs = faultapp.runs(fault_dir)
-        assert _no_overlap(runs) == []
+        assert device_overlaps(runs) == []
         a_run, b_run = sorted(runs, key=lambda r: r["start"])
         assert (a_run["worker_id"], a_run["attempt"]) == ("wA", 1)
         assert (b_run["worker_id"], b_run["attempt"]) == ("wB", 2)
@@ -170,7 +152,7 @@ async def test_sigstop_of_the_server_past_the_lease_ttl(bus, components, client,
     result = await audit(client, jobs)
     assert result.ok(), (result.lost, result.duplicates, result.states)
     runs = faultapp.runs(fault_dir)
-    assert _no_overlap(runs) == []
+    assert device_overlaps(runs) == []
     stopped = [r for r in runs if r["attempt"] == 1 and r["end"] is not None
                and r["end"] - r["start"] < 3.9]
     assert stopped, "no run was cut short by the stopped server: the test proved nothing"

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import random
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.js.api import DiscardPolicy
 
+from bus import topology
 from bus.adverts import list_adverts
 from bus.control import request
 from bus.jobtable import JobTable
@@ -28,9 +31,12 @@ from bus.server import EmbeddedServer
 from schemas import lifecycle as lc
 from schemas.jobs import JobSubmission
 from services.monitor import Monitor
-from tests.faults import audit, retrying, settled, submit_retrying
-from tests.helpers import eventually, state_is
+from tests import faultapp
+from tests.faults import audit, device_overlaps, job_stream, retrying, settled
+from tests.helpers import eventually, job_events, state_is
 
+# echo, and `hold` (tests/faultapp.py) on three simulated GPUs.
+WORKER = ("--app", "tests.faultapp:app", "--no-kernels", "--simulate-gpus", "3")
 # Well under nats.py's own recovery of a stalled ordered consumer (10-20 s).
 RESUME_BOUND_S = 6.0
 
@@ -99,23 +105,6 @@ async def test_followers_resume_at_once_after_a_restart(bus, client, components,
 # ---- the whole fleet under load ------------------------------------------------------------
 
 
-async def _load(client: Any, n: int, rng: random.Random, submitted: list[str],
-                rate: float) -> None:
-    """A job stream: echo, short sleeps on a simulated GPU, and longer ones that
-    outlast a lease renewal (so a restart catches some holding a lease)."""
-    for i in range(n):
-        job_id = f"r{i:04d}"
-        kind = rng.random()
-        if kind < 0.4:
-            await submit_retrying(client, "echo", {"i": i}, job_id=job_id, max_attempts=10)
-        else:
-            seconds = 0.3 if kind < 0.85 else 4.0
-            await submit_retrying(client, "sleep", {"seconds": seconds, "steps": 2},
-                                  job_id=job_id, resources={"gpus": 1}, max_attempts=10)
-        submitted.append(job_id)
-        await asyncio.sleep(rng.expovariate(rate))
-
-
 async def _answers(bus: Any, kind: str, instance: str) -> bool:
     try:
         info = await request(bus, kind, instance, "info", timeout=1.0)
@@ -133,22 +122,23 @@ async def test_a_server_restart_under_load_loses_and_doubles_nothing(
     rng = random.Random(7)
     members = {
         ("dispatcher", "d-1"): ("dispatcher", "--instance-id", "d-1"),
-        ("worker", "rw1"): ("worker", "--simulate-gpus", "3", "--node", "rn1", "--no-kernels",
-                            "--worker-id", "rw1"),
-        ("worker", "rw2"): ("worker", "--simulate-gpus", "3", "--node", "rn2", "--no-kernels",
-                            "--worker-id", "rw2"),
+        ("worker", "rw1"): ("worker", *WORKER, "--node", "rn1", "--worker-id", "rw1"),
+        ("worker", "rw2"): ("worker", *WORKER, "--node", "rn2", "--worker-id", "rw2"),
         ("monitor", "m-1"): ("monitor", "--instance-id", "m-1", "--lost-after", "20"),
         ("agent", "a-1"): ("agent", "--instance-id", "a-1", "--node", "rn1",
                            "--simulate-gpus", "2", "--heartbeat", "1",
                            "--metrics-interval", "2"),
     }
-    children = {key: procs.run(*argv, name=key[1]) for key, argv in members.items()}
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    children = {key: procs.run(*argv, name=key[1], env={"JETFLEET_FAULT_DIR": str(runs_dir)})
+                for key, argv in members.items()}
     for kind, instance in members:
         await eventually(lambda k=kind, i=instance: _answers(bus, k, i), timeout=60,
                          what=f"{instance} up")
     await eventually(lambda: _workers(bus, 2), timeout=60, what="both workers advertised")
     submitted: list[str] = []
-    load = asyncio.create_task(_load(client, 160, rng, submitted, rate=15.0))
+    load = asyncio.create_task(job_stream(client, 160, rng, submitted, rate=15.0))
     await eventually(lambda: len(submitted) >= 50, timeout=60, what="load flowing")
     away_s = await asyncio.to_thread(restart, nats_server, how, down_s)
     back = time.time()
@@ -157,6 +147,7 @@ async def test_a_server_restart_under_load_loses_and_doubles_nothing(
                      what="every job to finish")
     result = await audit(client, submitted)
     assert result.ok(), (result.lost, result.duplicates, result.states)
+    assert device_overlaps(faultapp.runs(runs_dir)) == []
     # Work went on after the restart, and every component is still there and
     # answering on its control endpoint (reconnected, not restarted).
     after = [e for e in result.events if e["kind"] == "succeeded" and e["ts"] > back]
@@ -183,3 +174,39 @@ async def test_a_server_restart_under_load_loses_and_doubles_nothing(
 
 async def _workers(bus: Any, n: int) -> bool:
     return len(await list_adverts(bus)) >= n
+
+
+# ---- an outcome's event and its acknowledgement ----------------------------------------------
+
+
+async def test_an_outcome_whose_event_is_refused_keeps_its_work_message(bus, components,
+                                                                        client) -> None:
+    """EVENTS refuses the `succeeded` event (as while a cluster elects its new
+    leader) but the WORK stream would take the ack: the message must stay, come
+    back, and the event be said once EVENTS takes events again. Acking beside
+    the event (not after it) lost the event for good: the record said
+    succeeded and no follower ever heard it."""
+    await components.dispatcher()
+    await components.worker()  # (a component's connect declares EVENTS as it should be)
+    job = await client.submit("sleep", {"seconds": 1.5, "steps": 1}, job_id="refused-1")
+    await eventually(lambda: state_is(client, job, "running"), what="the job running")
+    info = await bus.js.stream_info(topology.EVENTS)
+    full = info.config
+    blocked = copy.deepcopy(full)
+    blocked.discard, blocked.max_msgs = DiscardPolicy.NEW, info.state.messages
+    await bus.js.update_stream(blocked)  # every further event is refused
+    try:
+        await eventually(lambda: state_is(client, job, "succeeded"), timeout=20,
+                         what="the record says succeeded")
+        await asyncio.sleep(2.0)  # redeliveries meanwhile are refused their event too
+        assert "succeeded" not in [e["kind"] for e in await job_events(bus, job)]
+    finally:
+        await bus.js.update_stream(full)
+
+    async def announced() -> bool:
+        return "succeeded" in [e["kind"] for e in await job_events(bus, job)]
+
+    await eventually(announced, timeout=30, what="the succeeded event, said after all")
+    kinds = [e["kind"] for e in await job_events(bus, job)]
+    assert kinds.count("succeeded") == 1
+    assert (await bus.js.stream_info(topology.WORK)).state.messages == 0
