@@ -78,6 +78,20 @@ def doorbell_type(subject: str) -> str:
     return subject.removeprefix(DOORBELL_PREFIX)
 
 
+def doorbell_body(priority: int) -> bytes:
+    """A doorbell's body: the priority that has new work."""
+    return str(priority).encode()
+
+
+def doorbell_priority(body: bytes) -> int | None:
+    """The priority a doorbell names; None (look at every priority) when it names none."""
+    try:
+        prio = int(body)
+    except ValueError:
+        return None
+    return prio if prio in PRIORITIES else None
+
+
 def kv_subject(bucket: str, key: str = "") -> str:
     """The subject a KV bucket's own stream stores `key` on (`$KV.<bucket>.<key>`)."""
     return f"$KV.{bucket}.{key}"

@@ -157,14 +157,18 @@ class Dispatcher:
         )
         # Events and work item in one round trip: sent in this order on one
         # connection, so `submitted` and `queued` are stored before any worker
-        # can see the job and say `running`.
-        await asyncio.gather(
-            emit(self.bus, Submitted(job_id=job_id, capability=dict(sub.capability),
-                                     priority=sub.priority, user=sub.user,
-                                     parent_job_id=sub.parent_job_id)),
-            emit(self.bus, Queued(job_id=job_id, subject=subject)),
-            self.bus.publish(subject, item, msg_id=job_id))
-        await self.bus.signal(topology.work_doorbell(ctype))
+        # can see the job and say `running`. The doorbell rings as soon as the
+        # work item is stored (with its priority, so workers look only there).
+        said = [asyncio.ensure_future(emit(self.bus, Submitted(
+                    job_id=job_id, capability=dict(sub.capability), priority=sub.priority,
+                    user=sub.user, parent_job_id=sub.parent_job_id))),
+                asyncio.ensure_future(emit(self.bus, Queued(job_id=job_id, subject=subject)))]
+        try:
+            await self.bus.publish(subject, item, msg_id=job_id)
+            await self.bus.signal(topology.work_doorbell(ctype),
+                                  topology.doorbell_body(sub.priority))
+        finally:
+            await asyncio.gather(*said)
         self._watch[job_id] = _Watch(dict(sub.capability), sub.resources,
                                      time.monotonic() + self.unschedulable_after_s,
                                      priority=sub.priority)
@@ -212,7 +216,8 @@ class Dispatcher:
             await emit(self.bus, Queued(job_id=job_id, event_id=f"{job_id}.0.queued.{w.requeues}",
                                         subject=topology.work_subject(w.capability["type"],
                                                                       w.priority)))
-            await self.bus.signal(topology.work_doorbell(w.capability["type"]))
+            await self.bus.signal(topology.work_doorbell(w.capability["type"]),
+                                  topology.doorbell_body(w.priority))
 
     async def _rebuild_watch(self) -> None:
         """After a restart, pick up jobs an earlier dispatcher was watching."""

@@ -14,6 +14,11 @@ needs none. A capability's own `concurrency` limit holds within either.
 While a job waits for a device (see middleware.leases) the worker takes
 nothing more.
 
+Doorbells say which priority has new work (the dispatcher rings with the
+job's priority), so a worker asks only where there is news, highest priority
+first; the poll every `poll_s` looks at every priority (retries and
+redeliveries ring no bell).
+
 Priorities: p0, then p1, then p2. Against starvation, a lower priority whose
 oldest undelivered message has waited longer than `starvation_after_s` is
 looked at first, once per such check (at most one check per capability every
@@ -64,8 +69,9 @@ class Intake:
         self.pool_used = {"devices": 0, "cheap": 0}
         self._doorbell = asyncio.Event()
         self._room = asyncio.Event()
-        self._pending: set[str] = set(specs)
-        self._rings: dict[str, int] = {}  # doorbells heard, per capability
+        # (priority, capability) pairs that may have work: where to look next.
+        self._pending: set[tuple[int, str]] = self._all()
+        self._rings: dict[tuple[int, str], int] = {}  # doorbells heard, per pair
         self._aged: dict[str, int] = {}  # ctype -> starved priority to look at first
         self._aging_checked = 0.0
         self._own_bells: dict[str, int] = {}  # doorbells this worker rang for others
@@ -80,22 +86,31 @@ class Intake:
             self._subs.append(await self.bus.nc.subscribe(topology.work_doorbell(ctype),
                                                           cb=self._ring))
 
+    def _all(self, ctype: str | None = None) -> set[tuple[int, str]]:
+        types = self.specs if ctype is None else [ctype]
+        return {(p, t) for p in topology.PRIORITIES for t in types}
+
     async def _ring(self, msg: Msg) -> None:
         ctype = topology.doorbell_type(msg.subject)
         if self._own_bells.get(ctype):
             self._own_bells[ctype] -= 1  # rung for the others (a delegation): not for us
             return
-        if ctype in self.specs:
-            self._rings[ctype] = self._rings.get(ctype, 0) + 1
-            self._pending.add(ctype)
-            self._doorbell.set()
+        if ctype not in self.specs:
+            return
+        prio = topology.doorbell_priority(msg.data)
+        pairs = self._all(ctype) if prio is None else {(prio, ctype)}
+        for pair in pairs:
+            self._rings[pair] = self._rings.get(pair, 0) + 1
+        self._pending |= pairs
+        self._doorbell.set()
 
-    def ring_for_others(self, ctype: str, after: float) -> None:
+    def ring_for_others(self, ctype: str, priority: int, after: float) -> None:
         async def ring() -> None:
             await asyncio.sleep(after)
             self._own_bells[ctype] = self._own_bells.get(ctype, 0) + 1
             try:
-                await self.bus.signal(topology.work_doorbell(ctype))
+                await self.bus.signal(topology.work_doorbell(ctype),
+                                      topology.doorbell_body(priority))
             except Exception:
                 self._own_bells[ctype] -= 1
 
@@ -130,35 +145,28 @@ class Intake:
 
     def _order(self) -> list[tuple[int, str]]:
         """Highest priority first, except a priority found starving, looked at first, once."""
-        aged = [(self._aged.pop(t), t) for t in sorted(self._pending) if t in self._aged]
-        strict = [(p, t) for p in topology.PRIORITIES for t in sorted(self._pending)]
+        aged = [(self._aged.pop(t), t) for t in sorted(self._aged)]
+        strict = sorted(self._pending)
         return aged + [pt for pt in strict if pt not in aged]
 
     async def _take(self) -> int:
         rings = dict(self._rings)
-        empty: dict[str, int] = {}
-        seen: set[tuple[int, str]] = set()
         for prio, ctype in self._order():
-            if (prio, ctype) in seen:
-                continue
-            seen.add((prio, ctype))
             room = self._room_for(ctype)
             if room <= 0:
                 continue  # this capability's pool or own limit is full
             msgs = await pull_now(self.bus.nc, topology.WORK, topology.work_consumer(ctype, prio),
                                   min(room, 256))
             if not msgs:
-                empty[ctype] = empty.get(ctype, 0) + 1
+                # Nothing there, and no bell rang for it while we looked.
+                if self._rings.get((prio, ctype)) == rings.get((prio, ctype)):
+                    self._pending.discard((prio, ctype))
                 continue
             for msg in msgs:
                 self._spawn(msg, ctype, prio)
             if prio < topology.PRIORITIES[-1]:
                 self._maybe_check_starvation(prio)
             return len(msgs)  # start over from the top: strict priority
-        for ctype, n in empty.items():
-            # Empty everywhere, and no bell rang for it while we looked.
-            if n == len(topology.PRIORITIES) and self._rings.get(ctype) == rings.get(ctype):
-                self._pending.discard(ctype)
         return 0
 
     def _maybe_check_starvation(self, served: int) -> None:
@@ -177,7 +185,7 @@ class Intake:
                     age = await self._oldest_waiting(ctype, prio)
                     if age is not None and age >= self.starvation_after_s:
                         self._aged[ctype] = prio
-                        self._pending.add(ctype)
+                        self._pending.add((prio, ctype))
                         break
 
     async def _oldest_waiting(self, ctype: str, prio: int) -> float | None:
@@ -213,7 +221,7 @@ class Intake:
                 await asyncio.wait_for(self._doorbell.wait(), self.poll_s)
             except TimeoutError:
                 # A redelivery or a delayed retry rings no bell: look everywhere.
-                self._pending.update(self.specs)
+                self._pending |= self._all()
 
     # ---- handing over -------------------------------------------------------------------
 
@@ -243,7 +251,7 @@ class Intake:
         self.pool_used[self._task_pool.pop(task, "cheap")] -= 1
         self.inflight[ctype] -= 1
         if self.specs[ctype].concurrency is not None:
-            self._pending.add(ctype)  # a limited capability has room again: look now
+            self._pending |= self._all(ctype)  # a limited capability has room again: look now
             self._doorbell.set()
         self._room.set()
 
