@@ -188,11 +188,19 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         raise UserError("--limit must be at least 1")
 
     async def go(client: Any) -> Any:
-        from ops.commands.api import list_jobs
+        from ops.commands.api import ApiError, list_jobs
 
         # A running query API answers from its projection (any number of jobs,
-        # filtered there); without one, the KV bucket is scanned.
-        states = await list_jobs(client.bus, limit=args.limit, state=args.state)
+        # filtered there); without one (or without the token it wants), the KV
+        # bucket is scanned.
+        try:
+            states = await list_jobs(client.bus, limit=args.limit, state=args.state)
+        except ApiError as exc:
+            if exc.status not in (401, 403):
+                raise
+            print("jetfleet: the query API wants a token (JETFLEET_API_TOKEN); reading KV jobs "
+                  "instead", file=sys.stderr)
+            states = None
         if states is not None:
             return states
         states = await client.list_jobs(limit=1_000_000 if args.state else args.limit)
