@@ -16,7 +16,6 @@ import json
 import random
 import socket
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,14 +23,14 @@ from typing import Any
 
 import nats.errors
 from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from bus import codec, topology
 from bus.connection import Bus
-from bus.consumer import Follower
 from bus.server import free_port
 from schemas.fleet import LeaseRecord
 from schemas.jobs import JobState
-from tests.helpers import KvOp
+from tests.helpers import KvOp, replay
 
 # ---- a partition ---------------------------------------------------------------------------
 
@@ -237,49 +236,64 @@ async def dead_letters(bus: Bus) -> list[dict[str, Any]]:
 
 
 class LeaseTap:
-    """Every write to KV `leases`, as tests.helpers.LeaseHistory records them,
-    through a Follower, so the record survives a restart or a server killed
-    under it. `missed` counts writes that expired (after the bucket TTL) before
-    the tap could read them: with any, the replay is incomplete."""
+    """Every write to KV `leases` in stream order, as tests.helpers.LeaseHistory
+    records them, read one at a time (`next_by_subj`), so a restart or a new
+    leader costs it no consumer to re-make: it asks again until it is answered.
+
+    A write it cannot read before the bucket TTL expires it (stored by a leader
+    killed before the tap read it, while a new one is elected) is `missed`,
+    and the writes around it are split into `segments`: `violations()` checks
+    each segment on its own, so a missed release is never taken for two
+    holders, and says how many writes it could not see.
+    """
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
-        self.ops: list[KvOp] = []
+        self.segments: list[list[KvOp]] = [[]]
         self.missed = 0
-        self.gaps: list[tuple[float, int, int, int]] = []
-        self._follower = Follower(bus, topology.kv_subject(topology.KV_LEASES, ">"),
-                                  quiet_s=0.5)
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def ops(self) -> list[KvOp]:
+        return [op for seg in self.segments for op in seg]
 
     async def start(self) -> LeaseTap:
         self._task = asyncio.create_task(self._run())
         return self
 
     async def _run(self) -> None:
+        stream = f"KV_{topology.KV_LEASES}"
         prefix = topology.kv_subject(topology.KV_LEASES)
+        nxt = 1
         while True:
             try:
-                msg = await self._follower.next(timeout=5.0)
-            except TimeoutError:
+                raw = await self.bus.js.get_msg(stream, seq=nxt, subject=f"{prefix}>", next=True)
+            except NotFoundError:
+                await asyncio.sleep(0.02)  # nothing newer yet
                 continue
-            seq = int(msg.metadata.sequence.stream)
-            if self.ops and seq > self._last + 1:
-                self.missed += seq - self._last - 1
-                self.gaps.append((time.time(), self._last, seq, self._follower.resubscribed))
-            self._last = seq
-            op = (msg.headers or {}).get("KV-Operation", "PUT")
-            rec = codec.decode(msg.data, LeaseRecord) if op == "PUT" and msg.data else None
-            self.ops.append(KvOp(key=msg.subject.removeprefix(prefix), op=op,
-                                 ts=msg.metadata.timestamp.timestamp(), record=rec))
+            except (nats.errors.Error, TimeoutError):
+                await asyncio.sleep(0.1)  # server away, no leader yet: again
+                continue
+            seq = int(raw.seq or 0)
+            if seq > nxt:
+                self.missed += seq - nxt
+                self.segments.append([])
+            nxt = seq + 1
+            op = (raw.headers or {}).get("KV-Operation", "PUT")
+            rec = codec.decode(raw.data, LeaseRecord) if op == "PUT" and raw.data else None
+            assert raw.time is not None and raw.subject is not None
+            self.segments[-1].append(KvOp(key=raw.subject.removeprefix(prefix), op=op,
+                                          ts=raw.time.timestamp(), record=rec))
 
-    _last = 0
+    def violations(self, ttl_s: float) -> list[str]:
+        return [v for seg in self.segments for v in replay(seg, ttl_s).violations]
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(BaseException):
                 await self._task
-        await self._follower.close()
+            self._task = None
 
 
 @dataclass
