@@ -209,10 +209,13 @@ class Pipeline:
 
     async def _record(self, att: Attempt, fresh: bool) -> JobState | None:
         item = att.item
-        if (not fresh and item.record is not None and item.revision is not None
+        if (not fresh and item.record is not None and item.revision
+                and item.revision > 0 and item.record.job_id == item.job_id
                 and att.delivery.num_delivered == 1):
             # The dispatcher's own record and revision: right unless something
-            # changed it since, which the start's compare-and-set finds out.
+            # changed it since, which the start's compare-and-set finds out. A
+            # revision of 0 would make that compare-and-set a create: a work
+            # item that no dispatcher sent could then record a job of its own.
             self.jobs.prime(item.job_id, codec.encode(item.record), item.revision)
             return item.record
         got = await self.jobs.get(item.job_id)
