@@ -135,7 +135,10 @@ class Dispatcher:
         state = lc.new_job(sub, job_id, submit_seq=d.stream_seq)
         revision = await self.jobs.create(state)
         if revision is None:
-            existing = await self.jobs.get(job_id)
+            try:
+                existing = await self.jobs.get(job_id)
+            except codec.DecodeError as exc:
+                raise Reject(_unreadable(job_id, exc), job_id=job_id) from None
             if existing is None or existing[0].submit_seq != d.stream_seq:
                 # Known job (another Nats-Msg-Id, or a resubmission): never run twice.
                 known = existing[0].state if existing else "unknown"
@@ -222,15 +225,21 @@ class Dispatcher:
     async def _rebuild_watch(self) -> None:
         """After a restart, pick up jobs an earlier dispatcher was watching."""
         kv = await self.jobs.kv()
-        with contextlib.suppress(Exception):
-            for key in await kv.keys():
+        try:
+            keys = await kv.keys()
+        except Exception:
+            return  # an empty bucket (NoKeysError), or none yet
+        for key in keys:
+            try:  # one unreadable record must not hide the others
                 got = await self.jobs.get(key)
-                if got and got[0].state in ("queued", "unschedulable"):
-                    s = got[0]
-                    self._watch[key] = _Watch(s.capability, s.resources, time.monotonic()
-                                              + self.unschedulable_after_s,
-                                              marked=s.state == "unschedulable",
-                                              priority=s.priority)
+            except Exception:
+                continue
+            if got and got[0].state in ("queued", "unschedulable"):
+                s = got[0]
+                self._watch[key] = _Watch(s.capability, s.resources, time.monotonic()
+                                          + self.unschedulable_after_s,
+                                          marked=s.state == "unschedulable",
+                                          priority=s.priority)
 
     # ---- cancel ---------------------------------------------------------------------
 
@@ -239,11 +248,14 @@ class Dispatcher:
             req = codec.decode(d.msg.data, CancelRequest)
         except codec.DecodeError as exc:
             raise Reject(exc.reason) from None
-        if await cancel_job(self.bus, self.jobs, req) is None and d.num_delivered < 4:
-            if await self.jobs.get(req.job_id) is None:
+        try:
+            if (await cancel_job(self.bus, self.jobs, req) is None and d.num_delivered < 4
+                    and await self.jobs.get(req.job_id) is None):
                 # Not recorded yet: its submission may still be on its way (a
                 # parent cancelling a child it just submitted). Hold it a little.
                 raise Retry(0.5 * d.num_delivered, f"no job {req.job_id} yet")
+        except codec.DecodeError as exc:
+            raise Reject(_unreadable(req.job_id, exc), job_id=req.job_id) from None
 
     # ---- dead letters --------------------------------------------------------------
 
@@ -281,6 +293,12 @@ class Dispatcher:
     def stop(self) -> None:
         self.submits.stop()
         self.cancels.stop()
+
+
+def _unreadable(job_id: str, exc: codec.DecodeError) -> str:
+    """Something other than a job record under the job's key (a client writing
+    KV jobs by hand): it reads no better on a redelivery."""
+    return f"the record of job {job_id} in KV jobs cannot be read ({exc.reason})"
 
 
 async def cancel_job(bus: Bus, jobs: JobTable, req: CancelRequest) -> JobState | None:

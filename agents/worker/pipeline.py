@@ -105,8 +105,15 @@ class Pipeline:
             for m in self._with("around"):
                 await stack.enter_async_context(m.around(att))
             try:
-                outcome = await self._run(att)
-                await self.settler.settle(att, outcome)
+                try:
+                    outcome = await self._run(att)
+                    await self.settler.settle(att, outcome)
+                except codec.DecodeError as exc:
+                    # Something other than a job record under the job's key (a
+                    # client writing KV jobs by hand): it reads no better later.
+                    outcome = Rejected(f"the record of job {att.job_id} in KV jobs cannot "
+                                       f"be read ({exc.reason})")
+                    await self.settler.settle(att, outcome)
             except asyncio.CancelledError:
                 # Shutting down mid-attempt: let the server redeliver it at once.
                 with contextlib.suppress(Exception):
