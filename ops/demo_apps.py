@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from ops.commands.common import DEFAULT_DATA_DIR, UserError
+from ops.commands.common import UserError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "images"
 IDLE_STOP_S = 3.0
@@ -143,7 +141,7 @@ async def _run(url: str, agent_instance: str) -> bool:
 
 
 def apps_demo(args: argparse.Namespace) -> int:
-    from ops.launcher import PortInUse, describe_stop, fleet_from
+    from ops.demo import demo_fleet
 
     if args.apps:
         raise UserError("jetfleet demo --apps takes no file: it runs its own image chain "
@@ -155,25 +153,13 @@ def apps_demo(args: argparse.Namespace) -> int:
         import PIL  # noqa: F401
     except ImportError:
         raise UserError("the apps demo's image chain needs Pillow: pip install pillow") from None
-    temporary = args.data_dir == DEFAULT_DATA_DIR and not args.nats
-    data = Path(tempfile.mkdtemp(prefix="jetfleet-demo-")) if temporary else Path(args.data_dir)
-    data.mkdir(parents=True, exist_ok=True)
-    args.apps = str(_apps_toml(data))
-    args.workers = 0  # only what the agent starts serves the chain
-    try:
-        fleet = fleet_from(args, data)
-    except PortInUse as exc:
-        raise UserError(str(exc)) from None
-    ok = False
-    try:
-        fleet.start()
-        print(f"embedded fleet: nats at {fleet.url}, logs in {data / 'logs'}", flush=True)
+    def prepare(data: Path) -> None:
+        args.apps = str(_apps_toml(data))
+        args.workers = 0  # only what the agent starts serves the chain
+
+    with demo_fleet(args, prepare) as fleet:
         agent = next(c for c in fleet.children if c.component == "agent")
         ok = asyncio.run(_run(fleet.url, agent.instance))
-    finally:
-        print(f"fleet stopped: {describe_stop(fleet.stop())}", flush=True)
-        if temporary:
-            shutil.rmtree(data, ignore_errors=True)
     print()
     print("The apps demo started a worker on demand, ran a chain of three calls passing "
           "objects by reference, and saw the worker stopped when idle." if ok else

@@ -40,21 +40,33 @@ async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: 
         await asyncio.sleep(interval)
 
 
-async def job_events(bus: Bus, job_id: str) -> list[dict[str, Any]]:
-    """Every event recorded for a job so far, straight from the EVENTS stream."""
-    sub = await bus.js.subscribe(topology.job_events(job_id), ordered_consumer=True,
-                                 deliver_policy=DeliverPolicy.ALL)
+async def stored(bus: Bus, subjects: str, stream: str, quiet_s: float = 0.5) -> list[Any]:
+    """Every message stored on `subjects` of `stream` up to now (publishers may go
+    on: reading stops at the stream's last sequence when called, or when quiet)."""
+    last = (await bus.js.stream_info(stream)).state.last_seq
+    if not last:
+        return []
+    sub = await bus.js.subscribe(subjects, ordered_consumer=True,
+                                 deliver_policy=DeliverPolicy.ALL, stream=stream)
     out = []
     try:
         while True:
             try:
-                msg = await sub.next_msg(timeout=0.5)
+                msg = await sub.next_msg(timeout=quiet_s)
             except TimeoutError:
                 break
-            out.append(json.loads(msg.data))
+            out.append(msg)
+            if msg.metadata.sequence.stream >= last:
+                break
     finally:
         await sub.unsubscribe()
     return out
+
+
+async def job_events(bus: Bus, job_id: str) -> list[dict[str, Any]]:
+    """Every event recorded for a job so far, straight from the EVENTS stream."""
+    return [json.loads(m.data) for m in await stored(bus, topology.job_events(job_id),
+                                                      topology.EVENTS)]
 
 
 async def event_kinds(bus: Bus, job_id: str) -> list[str]:

@@ -25,6 +25,7 @@ from schemas.telemetry import Heartbeat
 from services.monitor import Monitor
 from services.monitor.liveness import Liveness
 from tests.conftest import eventually, job_events
+from tests.helpers import stored
 
 LOST_AFTER = 2.0
 BEAT = 0.3
@@ -56,22 +57,8 @@ def test_liveness_counts_only_the_time_it_listened():
 
 
 async def _node_events(bus, node: str = "*") -> list[dict]:
-    last = (await bus.js.stream_info(topology.EVENTS)).state.last_seq
-    if not last:
-        return []
-    sub = await bus.js.subscribe(topology.node_events(node), ordered_consumer=True,
-                                 deliver_policy=DeliverPolicy.ALL, stream=topology.EVENTS)
-    out = []
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=0.3)
-            except TimeoutError:
-                break
-            out.append(json.loads(msg.data))
-    finally:
-        await sub.unsubscribe()
-    return out
+    return [json.loads(m.data) for m in await stored(bus, topology.node_events(node),
+                                                      topology.EVENTS, quiet_s=0.3)]
 
 
 async def _kinds(bus, node: str) -> list[str]:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-from nats.js.api import DeliverPolicy
 
 from agents.node import AgentConfig, NodeAgent
 from agents.node.capture import CaptureLimits, RawProcess, capture, imports_of
@@ -29,6 +28,7 @@ from bus.objects import ObjectStore
 from schemas.common import is_valid_id
 from schemas.telemetry import ProcessInfo
 from tests.conftest import eventually, job_events
+from tests.helpers import stored
 
 SECRETS = ("hunter2-ARGV-secret", "tok-ENV-secret-123", "cfg-PASSWORD-secret", "URLPASS-secret",
            "sk-abcdefghijklmnopqrstuvwx0123")
@@ -259,22 +259,7 @@ async def _state_is(bus, job_id: str, *states: str) -> dict | None:
 
 async def _stream_bytes(bus, stream: str, subjects: str) -> bytes:
     """Every message stored on `subjects` up to now (agents keep publishing)."""
-    last = (await bus.js.stream_info(stream)).state.last_seq
-    sub = await bus.js.subscribe(subjects, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL,
-                                 stream=stream)
-    out = []
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=0.5)
-            except TimeoutError:
-                break
-            out.append(msg.data)
-            if msg.metadata.sequence.stream >= last:
-                break
-    finally:
-        await sub.unsubscribe()
-    return b"\n".join(out)
+    return b"\n".join(m.data for m in await stored(bus, subjects, stream))
 
 
 async def _everything_on_the_bus(bus) -> bytes:

@@ -8,10 +8,9 @@ import json
 import subprocess
 import sys
 
-from nats.js.api import DeliverPolicy
-
 from bus import topology
 from tests.conftest import ROOT, eventually
+from tests.helpers import stored
 
 
 def _simulate(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
@@ -20,22 +19,7 @@ def _simulate(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
 
 
 async def _all(bus, stream: str, subjects: str) -> list[tuple[str, dict]]:
-    last = (await bus.js.stream_info(stream)).state.last_seq
-    sub = await bus.js.subscribe(subjects, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL,
-                                 stream=stream)
-    out = []
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=0.5)
-            except TimeoutError:
-                break
-            out.append((msg.subject, json.loads(msg.data)))
-            if msg.metadata.sequence.stream >= last:
-                break
-    finally:
-        await sub.unsubscribe()
-    return out
+    return [(m.subject, json.loads(m.data)) for m in await stored(bus, subjects, stream)]
 
 
 async def test_a_simulated_fleet_says_simulated_everywhere_and_flaps(bus, procs, fleet_env):

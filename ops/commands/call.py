@@ -21,7 +21,7 @@ import json
 import sys
 from typing import Any
 
-from ops.commands.common import UserError, client_call, parse_kv, print_json
+from ops.commands.common import UserError, client_call, json_object, parse_kv, print_json
 
 EXIT_OK, EXIT_FAILED, EXIT_UNSCHEDULABLE, EXIT_TIMEOUT = 0, 1, 3, 4
 DEFAULT_TIMEOUT_S = 60.0
@@ -49,18 +49,10 @@ def register(sub: Any, common: list[argparse.ArgumentParser]) -> None:
     sp.set_defaults(fn=cmd_call)
 
 
-def _payload(raw: str | None) -> dict[str, Any]:
-    try:
-        payload = json.loads(raw) if raw else {}
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--payload is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise UserError("--payload must be a JSON object")
-    return payload
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    payload = _payload(args.payload)
+    payload = json_object(args.payload)
     capability = {"type": args.capability, **parse_kv(args.label, "--label")}
     if args.timeout < 0:
         raise UserError("--timeout must be 0 (no limit) or more seconds")

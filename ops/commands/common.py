@@ -105,6 +105,17 @@ def parse_kv(items: list[str] | None, what: str) -> dict[str, str]:
     return out
 
 
+def json_object(raw: str | None, option: str = "--payload") -> dict[str, Any]:
+    """An option's JSON object (absent: {}), or a one-line UserError."""
+    try:
+        value = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{option} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{option} must be a JSON object")
+    return value
+
+
 def fail(message: str, code: int = 1) -> int:
     print(f"jetfleet: {message}", file=sys.stderr)
     return code

@@ -8,7 +8,15 @@ import json
 import sys
 from typing import Any, get_args
 
-from ops.commands.common import UserError, ago, client_call, parse_kv, print_json, table
+from ops.commands.common import (
+    UserError,
+    ago,
+    client_call,
+    json_object,
+    parse_kv,
+    print_json,
+    table,
+)
 from ops.commands.render import show_state
 
 # Exit statuses of `submit --wait` (and `status` of a settled job).
@@ -67,18 +75,10 @@ def register(sub: Any, common: list[argparse.ArgumentParser]) -> None:
     sp.set_defaults(fn=cmd_jobs)
 
 
-def _payload(raw: str | None) -> dict[str, Any]:
-    try:
-        payload = json.loads(raw) if raw else {}
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--payload is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise UserError("--payload must be a JSON object")
-    return payload
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    payload = _payload(args.payload)
+    payload = json_object(args.payload)
     capability = {"type": args.capability, **parse_kv(args.label, "--label")}
     try:
         resources = {k: int(v) for k, v in parse_kv(args.resource, "--resource").items()}

@@ -236,6 +236,10 @@ def create_app(ctx: ApiContext, config: ApiConfig | None = None) -> Litestar:
           summary="Submit a job")
     async def submit(data: JSONBody[JobSubmission]) -> m.Submitted:
         """Publishes the submission on `jobs.submit` (the bus contract) and returns its id."""
+        return m.Submitted(job_id=await publish_submission(data))
+
+    async def publish_submission(data: JobSubmission) -> str:
+        """Check a submission as the dispatcher would, publish it, return its job id."""
         ctype = data.capability.get("type", "")
         if not is_valid_capability_type(ctype):
             raise ClientException(
@@ -248,9 +252,8 @@ def create_app(ctx: ApiContext, config: ApiConfig | None = None) -> Litestar:
             raise HTTPException(status_code=413, detail=(
                 f"submission is {len(body)} bytes, over the {ctx.max_payload_bytes}-byte limit: "
                 "put large inputs in the object store and pass payload_ref"))
-        bus = _bus(ctx)
-        await bus.publish(topology.SUBMIT, body, msg_id=data.job_id)
-        return m.Submitted(job_id=data.job_id)
+        await _bus(ctx).publish(topology.SUBMIT, body, msg_id=data.job_id)
+        return data.job_id
 
     @post("/call", status_code=200, opt={"scope": "write", "json_body": True},
           summary="Run a capability and wait for its result")
@@ -264,30 +267,17 @@ def create_app(ctx: ApiContext, config: ApiConfig | None = None) -> Litestar:
         (the reason in `error` / `reason`); 504 with the job id when it did not
         settle within `timeout` seconds (it goes on; follow it at /jobs/{id})."""
         sub = _call_submission(request, data)
-        ctype = sub.capability.get("type", "")
-        if not is_valid_capability_type(ctype):
-            raise ClientException(
-                f"capability.type {ctype!r}: dot-separated lower-case words ([a-z0-9_-]), "
-                "e.g. echo or kernel.verify")
-        if sub.job_id is None:
-            sub.job_id = new_id()
-        body = msgspec.json.encode(sub)
-        if len(body) > ctx.max_payload_bytes:
-            raise HTTPException(status_code=413, detail=(
-                f"submission is {len(body)} bytes, over the {ctx.max_payload_bytes}-byte limit: "
-                "put large inputs in the object store and pass payload_ref"))
-        bus = _bus(ctx)
-        await bus.publish(topology.SUBMIT, body, msg_id=sub.job_id)
+        job_id = await publish_submission(sub)
         from sdk.client import Client
 
         try:
-            state = await Client(bus).wait(sub.job_id, timeout=timeout)
+            state = await Client(_bus(ctx)).wait(job_id, timeout=timeout)
         except TimeoutError:
-            return Response(m.CallResult(job_id=sub.job_id, state="running",
+            return Response(m.CallResult(job_id=job_id, state="running",
                                          reason=f"not settled within {timeout:g}s; follow it "
-                                                f"at /api/v1/jobs/{sub.job_id}"),
+                                                f"at /api/v1/jobs/{job_id}"),
                             status_code=504)
-        out = m.CallResult(job_id=sub.job_id, state=state.state, result=state.result,
+        out = m.CallResult(job_id=job_id, state=state.state, result=state.result,
                            error=msgspec.to_builtins(state.error) if state.error else None,
                            reason=state.reason)
         return Response(out, status_code=200 if state.state == "succeeded" else 422)
