@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from agents.node.redact import REDACTED, redact_value, secret_name
+from agents.node.redact import REDACTED, numeric, redact_value, secret_name
 
 MAX_PARAMS = 256
 MAX_KEY = 128
@@ -95,16 +95,9 @@ def _after_launcher(launcher: str, rest: list[str]) -> Entry:
     return Entry(launcher=launcher, args=rest)
 
 
-def _numeric(arg: str) -> bool:
-    try:
-        float(arg)
-    except ValueError:
-        return False
-    return True
-
 
 def _is_option(arg: str) -> bool:
-    return arg.startswith("-") and arg != "-" and not _numeric(arg)
+    return arg.startswith("-") and arg != "-" and not numeric(arg)
 
 
 def _key(name: str) -> str:

@@ -89,12 +89,12 @@ def redact_argv(argv: list[str]) -> list[str]:
     out: list[str] = []
     hide_next = False
     for arg in argv:
-        if hide_next and not (arg.startswith("-") and not _numeric(arg)):
+        if hide_next and not (arg.startswith("-") and not numeric(arg)):
             out.append(REDACTED)
             hide_next = False
             continue
         hide_next = False
-        if arg.startswith("-") and not _numeric(arg):
+        if arg.startswith("-") and not numeric(arg):
             name, eq, _value = arg.lstrip("-").partition("=")
             if secret_name(name):
                 if eq:
@@ -115,7 +115,8 @@ def redact_argv(argv: list[str]) -> list[str]:
 _KEY = re.compile(r"^[A-Za-z_+~][A-Za-z0-9_.+~-]*$")
 
 
-def _numeric(arg: str) -> bool:
+def numeric(arg: str) -> bool:
+    """`-1.5` is a value, not an option."""
     try:
         float(arg)
     except ValueError:
