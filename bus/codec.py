@@ -35,6 +35,9 @@ def decode(data: bytes, type: type[T]) -> T:
         raise DecodeError(f"invalid message: {exc}") from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:  # (msgspec's, for a string that is not UTF-8)
+        raise DecodeError(f"not valid JSON: a string is not UTF-8 ({exc.reason} at byte "
+                          f"{exc.start})") from None
     return value
 
 
