@@ -69,7 +69,7 @@ class Delivery(Generic[T]):
 
     @property
     def headers(self) -> dict[str, str]:
-        return dict(self.msg.headers or {})
+        return text_headers(self.msg.headers)
 
     @property
     def num_delivered(self) -> int:
@@ -119,6 +119,13 @@ class Delivery(Generic[T]):
             handle.cancel()
 
 
+def text_headers(headers: dict[str, Any] | None) -> dict[str, str]:
+    """Headers as plain strings: nats-py's stream-message get hands a non-ASCII
+    value back as an `email.header.Header`, which no encoder takes (a dead
+    letter carrying one could not be published, and its message stayed)."""
+    return {str(k): str(v) for k, v in (headers or {}).items()}
+
+
 def _ignore_result(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()  # retrieved, so a failed beat is not reported as unhandled
@@ -137,7 +144,8 @@ async def decode_or_dead_letter(bus: Bus, msg: Msg, stream: str, consumer: str,
     except codec.DecodeError as exc:
         seq = msg.metadata.sequence.stream if msg.reply else None
         await bus.dead_letter(stream, msg.subject, exc.reason, msg.data,
-                              headers=dict(msg.headers or {}), stream_seq=seq, consumer=consumer)
+                              headers=text_headers(msg.headers), stream_seq=seq,
+                              consumer=consumer)
         with contextlib.suppress(Exception):
             await msg.term()
         return None
@@ -270,7 +278,7 @@ class DeadLetterReaper:
         except Exception as exc:  # the message may already be gone: nothing to move
             log.warning("max-deliveries advisory not handled: %s", exc)
             return
-        headers = dict(raw.headers or {})
+        headers = text_headers(raw.headers)
         await self.bus.dead_letter(stream, raw.subject or "", f"max deliveries exhausted ({deliveries})",
                                    raw.data or b"", headers=headers, stream_seq=seq,
                                    consumer=consumer, deliveries=deliveries)

@@ -37,6 +37,7 @@ import nats.errors
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 from nats.js.errors import NoKeysError
 
 from bus import codec, topology
@@ -499,7 +500,7 @@ async def test_an_unreadable_job_record_is_dead_lettered_at_once(bus, components
                                                             "resubmission dead")
     assert sorted(d["stream"] for d in letters) == [topology.JOBS, topology.JOBS, topology.WORK]
     assert all("cannot be read" in d["reason"] for d in letters), [d["reason"] for d in letters]
-    assert all(d["deliveries"] in (None, 1) for d in letters)
+    assert all(d.get("deliveries") in (None, 1) for d in letters)
 
 
 async def test_a_restarted_dispatcher_reads_past_an_unreadable_record(bus, components,
@@ -516,3 +517,65 @@ async def test_a_restarted_dispatcher_reads_past_an_unreadable_record(bus, compo
     state = await eventually(lambda: state_is(client, job, "unschedulable"), timeout=20,
                              what="the new dispatcher to mark it unschedulable")
     assert "nobody.serves" in (state.reason or "")
+
+
+# ---- bytes that are not UTF-8, headers that are not ASCII ----------------------------------
+
+
+async def test_a_body_that_is_not_utf8_is_dead_at_once(bus, components) -> None:
+    """A string in a message that is not UTF-8 is bad input like any other: dead
+    on its first delivery with the reason (it raised UnicodeDecodeError past
+    the decoder, so every consumer retried it until its deliveries ran out)."""
+    await components.dispatcher()
+    await components.worker()
+    seqs = {
+        int((await bus.js.publish(topology.SUBMIT, b'{"capability": {"type": "echo"}, '
+                                  b'"payload": {"x": "\xff\xfe"}}')).seq): topology.JOBS,
+        int((await bus.js.publish(topology.CANCEL, b'{"job_id": "\xe9t\xe9"}',
+                                  headers={"X-Odd": "\u00e9"})).seq): topology.JOBS,
+        int((await bus.js.publish(topology.work_subject("echo", 1),
+                                  b'{"job_id": "\xff", "capability": {"type": "echo"}}')).seq):
+            topology.WORK,
+    }
+    await bus.signal(topology.work_doorbell("echo"))
+
+    async def all_dead() -> list[dict[str, Any]] | None:
+        letters = [d for d in await dead_letters(bus)
+                   if (d["stream_seq"], d["stream"]) in seqs.items()]
+        return letters if len(letters) == len(seqs) else None
+
+    letters = await eventually(all_dead, timeout=10, what="all three dead")
+    assert all("UTF-8" in d["reason"] for d in letters), [d["reason"] for d in letters]
+    assert all(d.get("deliveries") in (None, 1) for d in letters)
+    assert all(d["raw_encoding"] == "base64" for d in letters)
+
+
+async def test_a_message_with_non_ascii_headers_that_ran_out_of_deliveries_is_dead(
+        bus, components) -> None:
+    """The dispatcher's reaper moves a message whose deliveries ran out to DEAD.
+    Read back from its stream, a header value that is not ASCII came as an
+    email.header.Header: the dead letter could not be encoded, and the message
+    stayed in its stream for ever, on DEAD never."""
+    await components.dispatcher()  # runs the dead-letter reaper
+    await bus.js.add_stream(StreamConfig(name="FUZZREAP", subjects=["fuzzreap.>"],
+                                         retention=RetentionPolicy.WORK_QUEUE))
+    await bus.js.add_consumer("FUZZREAP", ConsumerConfig(
+        durable_name="once", ack_policy=AckPolicy.EXPLICIT, max_deliver=1, ack_wait=0.5))
+    seq = int((await bus.js.publish("fuzzreap.x", b'{"n": 1}',
+                                    headers={"X-Odd": "\u00d7\u00da", "X-Plain": "ok"})).seq)
+    sub = await bus.js.pull_subscribe_bind(durable="once", stream="FUZZREAP")
+    assert len(await sub.fetch(1, timeout=5)) == 1  # taken and never acked
+
+    async def dead() -> dict[str, Any] | None:
+        return next((d for d in await dead_letters(bus)
+                     if d["stream"] == "FUZZREAP" and d["stream_seq"] == seq), None)
+
+    letter = await eventually(dead, timeout=15, what="the dead letter")
+    assert "max deliveries" in letter["reason"]
+    assert letter["headers"]["X-Plain"] == "ok" and "X-Odd" in letter["headers"]
+    await eventually(lambda: _stream_empty(bus, "FUZZREAP"), timeout=5,
+                     what="the message gone from its stream")
+
+
+async def _stream_empty(bus: Any, stream: str) -> bool:
+    return (await bus.js.stream_info(stream)).state.messages == 0
