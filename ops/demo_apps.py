@@ -141,7 +141,7 @@ async def _run(url: str, agent_instance: str) -> bool:
 
 
 def apps_demo(args: argparse.Namespace) -> int:
-    from ops.demo import demo_fleet
+    from ops.demo_fleet import demo_fleet
 
     if args.apps:
         raise UserError("jetfleet demo --apps takes no file: it runs its own image chain "
