@@ -25,8 +25,9 @@ from typing import Any
 import psutil
 
 from agents.node import identity
+from agents.node.backends import open_backend
 from agents.node.capture import CaptureLimits
-from agents.node.gpu import GpuBackend, GpuSnapshot, NoGpus, open_backend
+from agents.node.gpu import GpuBackend, GpuSnapshot, NoGpus
 from agents.node.patterns import JobPatterns
 from agents.node.publisher import Publisher
 from agents.node.scanner import Scanner, ScanResult

@@ -1,4 +1,5 @@
-"""GPU backends: NVML (real GPUs), simulated (says so everywhere), or none.
+"""What every GPU backend is (agents.node.backends picks one): NVML (real GPUs),
+simulated (says so everywhere), or none.
 
 A backend is opened once (NVML initialised once, device handles cached) and
 sampled every metrics interval from the agent's sampling thread, so a slow
@@ -66,20 +67,3 @@ class NoGpus:
 
     def close(self) -> None:
         return None
-
-
-def open_backend(node: str, simulate: int = 0, use_nvml: bool = True) -> GpuBackend:
-    """Simulated GPUs when asked, else NVML when it loads, else none."""
-    if simulate:
-        from agents.node.simulated import SimulatedGpus
-
-        return SimulatedGpus(node, simulate)
-    if not use_nvml:
-        return NoGpus("absent")
-    from agents.node.nvml import NvmlBackend, NvmlUnavailable
-
-    try:
-        return NvmlBackend()
-    except NvmlUnavailable as exc:
-        log.info("no NVML GPUs on this node (%s): reporting CPU and memory only", exc)
-        return NoGpus("absent" if exc.absent else f"error: {exc}")
