@@ -102,6 +102,31 @@ async def test_followers_resume_at_once_after_a_restart(bus, client, components,
             await asyncio.wait_for(mon_task, 15)
 
 
+async def test_the_monitor_rewatches_after_a_reconnect_it_did_not_see(bus, nats_server) -> None:
+    """A reconnect shorter than the monitor's tick (in a cluster, failing over to
+    another server takes milliseconds) leaves its loop nothing to notice: its KV
+    mirrors must still be made afresh, since the consumers behind them may be
+    gone with the server."""
+    monitor = Monitor(bus, lost_after=60.0, tick_s=3.0)
+    mon_task = asyncio.create_task(monitor.run())
+    try:
+        await eventually(lambda: monitor._ready, timeout=20, what="the monitor replayed")
+        await asyncio.sleep(0.2)  # just after a tick: the restart falls between two
+        restart(nats_server, "SIGKILL")
+        table = JobTable(bus)
+        state = lc.new_job(JobSubmission(capability={"type": "hold"}, payload={},
+                                         job_id="mirror-2"), "mirror-2")
+        await retrying(lambda: table.create(state))
+        await retrying(lambda: table.transition("mirror-2",
+                                                lc.start(1, "w-elsewhere", "node-m", [])))
+        await eventually(lambda: "mirror-2" in monitor.index.jobs, timeout=RESUME_BOUND_S,
+                         what="the monitor's KV mirror to see a record written after the restart")
+    finally:
+        monitor.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(mon_task, 15)
+
+
 # ---- the whole fleet under load ------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import nats.errors
 from nats.js.api import DeliverPolicy
 
 from bus import topology
@@ -38,7 +39,7 @@ class KvMirror:
         self._reconnects = -1
 
     async def start(self) -> None:
-        self._reconnects = int(self.bus.nc.stats.get("reconnects", 0))
+        reconnects = int(self.bus.nc.stats.get("reconnects", 0))
         self._sub = await self.bus.js.subscribe(
             f"{self._prefix}>", ordered_consumer=True, cb=self._on,
             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, pending_msgs_limit=1 << 20,
@@ -46,6 +47,7 @@ class KvMirror:
         info = await self._sub.consumer_info()
         if info.num_pending == 0 and not info.delivered.consumer_seq:
             self.ready.set()  # an empty bucket sends nothing to say it is done
+        self._reconnects = reconnects  # made afresh for this connection
 
     async def check(self) -> None:
         """Re-subscribe after a reconnect (the watcher may have died silently)."""
@@ -53,7 +55,13 @@ class KvMirror:
         if reconnects != self._reconnects and self.bus.nc.is_connected:
             log.info("re-watching KV %s after a reconnect", self.bucket)
             await self.stop()
-            await self.start()
+            try:
+                await self.start()
+            except (nats.errors.Error, TimeoutError) as exc:
+                # JetStream not ready yet on a server just back: the next check
+                # tries again (the reconnect count is still unmatched).
+                log.warning("re-watching KV %s: %s; trying again", self.bucket, exc)
+                await self.stop()
 
     async def _on(self, msg: Any) -> None:
         key = msg.subject[len(self._prefix):]

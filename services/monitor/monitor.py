@@ -129,8 +129,11 @@ class Monitor:
                     # We heard nothing while away from the server: neither did we listen.
                     self.live.shift(t - disconnected_at)
                     disconnected_at = None
-                    await self.states.mirror.check()
-                    await self.index.mirror.check()
+                # Every tick, not only after a disconnect seen above: a reconnect
+                # quicker than a tick (a fail-over to another server of a cluster)
+                # is seen by the connection's count alone (a cheap compare).
+                await self.states.mirror.check()
+                await self.index.mirror.check()
                 self._dead_budget = min(DEAD_LETTERS_PER_S,
                                         self._dead_budget + DEAD_LETTERS_PER_S * self.tick_s)
                 self._dispatch(t)
