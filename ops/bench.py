@@ -18,6 +18,7 @@ BENCHES: dict[str, str] = {
     "agent": "ops.bench_agent",
     "monitor": "ops.bench_monitor",
     "coldstart": "ops.bench_coldstart",
+    "soak": "ops.bench_soak",
 }
 
 

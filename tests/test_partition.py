@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bus.adverts import list_adverts
 from tests import faultapp
 from tests.faults import TcpProxy, audit, device_overlaps, settled
@@ -116,6 +118,7 @@ async def test_a_partitioned_worker_stops_before_its_job_runs_elsewhere(
         proxy.stop()
 
 
+@pytest.mark.soak
 async def test_sigstop_of_the_server_past_the_lease_ttl(bus, components, client, procs,
                                                        nats_server, tmp_path: Path) -> None:
     """Every worker is cut off at once: each stops its jobs, and after the server

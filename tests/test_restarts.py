@@ -58,7 +58,7 @@ def restart(server: EmbeddedServer, how: str, down_s: float = 0.0) -> float:
 # ---- followers -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("how", [pytest.param("SIGTERM", marks=pytest.mark.soak), "SIGKILL"])
 async def test_followers_resume_at_once_after_a_restart(bus, client, components, nats_server,
                                                         how: str) -> None:
     """wait() (the SDK's events()) and the monitor's mirror of KV jobs, both
@@ -138,10 +138,11 @@ async def _answers(bus: Any, kind: str, instance: str) -> bool:
     return bool(info)
 
 
-# SIGTERM and straight back; SIGKILL and down for longer than the lease TTL and
-# the ack wait (3 s here): running jobs lose their leases and stop, their work
-# messages come back, attempts are retried.
-@pytest.mark.parametrize(("how", "down_s"), [("SIGTERM", 0.0), ("SIGKILL", 4.0)])
+# SIGKILL and down for longer than the lease TTL and the ack wait (3 s here):
+# running jobs lose their leases and stop, their work messages come back,
+# attempts are retried. SIGTERM and straight back (a clean restart) in `just soak`.
+@pytest.mark.parametrize(("how", "down_s"), [pytest.param("SIGTERM", 0.0, marks=pytest.mark.soak),
+                                             ("SIGKILL", 4.0)])
 async def test_a_server_restart_under_load_loses_and_doubles_nothing(
         bus, client, procs, nats_server, tmp_path: Path, how: str, down_s: float) -> None:
     rng = random.Random(7)
@@ -163,8 +164,8 @@ async def test_a_server_restart_under_load_loses_and_doubles_nothing(
                          what=f"{instance} up")
     await eventually(lambda: _workers(bus, 2), timeout=60, what="both workers advertised")
     submitted: list[str] = []
-    load = asyncio.create_task(job_stream(client, 160, rng, submitted, rate=15.0))
-    await eventually(lambda: len(submitted) >= 50, timeout=60, what="load flowing")
+    load = asyncio.create_task(job_stream(client, 120, rng, submitted, rate=15.0))
+    await eventually(lambda: len(submitted) >= 40, timeout=60, what="load flowing")
     away_s = await asyncio.to_thread(restart, nats_server, how, down_s)
     back = time.time()
     await asyncio.wait_for(load, 120)
