@@ -2,8 +2,7 @@
 parts are killed, then counted: nothing lost, nothing done twice, no device
 held by two at once.
 
-The fleet is what `jetfleet up` starts (ops.launcher.Fleet, which restarts a
-dead child with backoff): an embedded nats-server with a file store (or
+The fleet is what `jetfleet up` starts (ops.launcher.Fleet): an embedded nats-server with a file store (or
 `--soak-cluster 3` routed servers with everything replicated), dispatchers,
 workers on simulated GPUs (two nodes, two workers sharing each node's
 devices), the monitor, the query service and a node agent per node. Short
@@ -13,7 +12,8 @@ moves on in seconds.
     baseline  --soak-baseline jobs with no faults: jobs/s, the same fleet
     soak      --jobs jobs while, every --soak-kill-every s on average, a
               random worker, dispatcher, monitor, query service or agent is
-              killed with -9 (and restarted by the fleet); at a third of the
+              killed with -9 and started again half a second later (a member
+              that dies unkilled is a crash: restarted, and counted); at a third of the
               way the server is killed and restarted on its store (a cluster:
               one server restarted, and at two thirds another killed -9 and
               left down)
@@ -187,6 +187,7 @@ async def _run(args: argparse.Namespace, data: Path) -> dict[str, Any]:
             "server_faults": [{**vars(f), "stall_s": stream.stall(f.at)}
                               for f in chaos.faults if f.what.startswith("server")],
             "kill_total": sum(1 for f in chaos.faults if not f.what.startswith("server")),
+            "crashes": chaos.crashes,
         })
         return out
     finally:
@@ -210,7 +211,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         _print(out)
     ok = (out["all_ended"] and out["lost"] == 0 and out["duplicates"] == 0
-          and out["lease_double_holds"] == 0)
+          and out["lease_double_holds"] == 0 and not out["crashes"])
     return 0 if ok else 1
 
 
@@ -226,7 +227,8 @@ def _print(out: dict[str, Any]) -> None:
           f"lease double-holds {out['lease_double_holds']} (must be 0) over "
           f"{out['lease_writes']} lease writes ({out['lease_writes_missed']} unread)")
     print(f"  attempts lost to kills {out['lost_attempts']}, retries {out['retries']}, "
-          f"dead letters {out['dead_letters']}")
+          f"dead letters {out['dead_letters']}; crashes (died unkilled) "
+          f"{len(out['crashes'])} (must be 0) {' '.join(out['crashes'])}")
     head = f"  {'killed (-9)':<14}{'kills':>6}{'recovered':>10}{'min s':>8}{'median s':>10}{'max s':>8}"
     print(head)
     for k in out["kills"]:

@@ -4,9 +4,10 @@ the faults and how long each took to heal, the lease tap, and the audit.
     JobStream   submits jobs with a bounded backlog, trying again while the
                 server is away; follows `events.jobs.>` (a Follower: it
                 resumes after a restart) to know which jobs ended
-    Chaos       kill -9 of random components of a launcher Fleet (which
-                restarts them with backoff, as `jetfleet up` does); recovery
-                is the time until the new process answers its control endpoint
+    Chaos       kill -9 of random components of a launcher Fleet, each started
+                again half a second later; recovery is the time until the new
+                process answers its control endpoint; a component that dies
+                unkilled is a crash
     LeaseTap    every write to KV `leases`, followed as it happens; writes
                 that expired before they were read split it into segments
     audit       after the run, from KV `jobs` and a fresh read of EVENTS:
@@ -180,24 +181,41 @@ async def answers(bus: Bus, kind: str, instance: str, timeout: float = 1.0) -> b
 
 
 class Chaos:
-    """kill -9 of random members of a launcher Fleet, which restarts them."""
+    """kill -9 of random members of a launcher Fleet, each started again after
+    `restart_s`, as a supervisor with a fixed restart delay would. (The Fleet's
+    own backoff is for crash loops: under a kill every few seconds it would keep
+    most of the fleet waiting out doubling delays.) A member that dies without
+    being killed is a crash: started again too, and counted."""
 
     WEIGHTS = {"worker": 4, "dispatcher": 2, "monitor": 1, "query": 1, "agent": 1}
 
-    def __init__(self, fleet: Any, bus: Bus, started: float, every_s: float, seed: int) -> None:
+    def __init__(self, fleet: Any, bus: Bus, started: float, every_s: float, seed: int,
+                 restart_s: float = 0.5) -> None:
         self.fleet = fleet
         self.bus = bus
         self.started = started
         self.every_s = every_s
+        self.restart_s = restart_s
         self.rng = random.Random(seed)
         self.faults: list[Fault] = []
+        self.crashes: list[str] = []
+        self._killed: dict[int, float] = {}  # pid -> when it is to be started again
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def supervise(self) -> None:
-        """Restart what died, as `jetfleet up` does."""
         while True:
-            self.fleet.supervise_once()
-            await asyncio.sleep(0.1)
+            t = time.monotonic()
+            for child in self.fleet.children:
+                if child.alive():
+                    continue
+                due = self._killed.get(child.proc.pid)
+                if due is None:
+                    self.crashes.append(f"{child.name} (exit {child.proc.returncode})")
+                    due = self._killed[child.proc.pid] = t
+                if t >= due:
+                    del self._killed[child.proc.pid]
+                    child.start()
+            await asyncio.sleep(0.05)
 
     async def run(self, until: asyncio.Event) -> None:
         while not until.is_set():
@@ -215,6 +233,7 @@ class Chaos:
         kind = self.rng.choices(kinds, [self.WEIGHTS[k] for k in kinds])[0]
         victim = self.rng.choice([c for c in self.fleet.children
                                   if c.component == kind and c.alive()])
+        self._killed[victim.proc.pid] = time.monotonic() + self.restart_s
         with contextlib.suppress(ProcessLookupError):
             os.killpg(victim.proc.pid, signal.SIGKILL)
         fault = Fault(what=kind, victim=victim.name, at_s=time.time() - self.started)

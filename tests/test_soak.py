@@ -36,6 +36,7 @@ def soak(tmp_path: Path, *args: str, timeout: float) -> dict[str, Any]:
                                   out.get("lease_violations"))
     assert out["all_ended"] and out["lost"] == 0 and out["duplicates"] == 0
     assert out["lease_double_holds"] == 0 and out["lease_writes"] > 0
+    assert out["crashes"] == []
     assert sum(out["states"].values()) >= out["jobs"] + out["baseline_jobs"]
     return out
 
