@@ -94,6 +94,8 @@ async def test_a_partitioned_worker_stops_before_its_job_runs_elsewhere(
         assert (a_run["worker_id"], a_run["attempt"]) == ("wA", 1)
         assert (b_run["worker_id"], b_run["attempt"]) == ("wB", 2)
         assert b_run["start"] > a_run["end"]
+        print(f"partition: A stopped {a_run['end'] - cut_at:.2f}s after the cut (lease TTL "
+              f"{ttl:g}s), B started {b_run['start'] - cut_at:.2f}s after it")
         result = await audit(client, [job])
         assert result.ok(), (result.lost, result.duplicates)
         state = result.records[job]
