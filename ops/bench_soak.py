@@ -22,7 +22,9 @@ Recovery of a component: until its new process answers on its control
 endpoint. Of a server: until every component answers again, and until the
 first job submitted after the fault ended. The audit reads KV `jobs` and the
 EVENTS stream afresh after the run and replays every write to KV `leases`.
-Exit status 0 only when nothing was lost, doubled or held twice.
+Exit status 0 only when nothing was lost, doubled or held twice and no
+component died unkilled. JETFLEET_SOAK_DIR=DIR keeps each run's data and logs
+(in a folder of its own under DIR).
 """
 
 from __future__ import annotations
@@ -200,9 +202,12 @@ async def _run(args: argparse.Namespace, data: Path) -> dict[str, Any]:
 def main(args: argparse.Namespace) -> int:
     keep = os.environ.get("JETFLEET_SOAK_DIR")
     if keep:
-        data = Path(keep)
-        data.mkdir(parents=True, exist_ok=True)
+        # A folder of its own per run: a store left by an earlier run would
+        # hold its jobs, and the same job ids again would be duplicates.
+        data = Path(keep) / time.strftime("run-%Y%m%d-%H%M%S")
+        data.mkdir(parents=True)
         out = asyncio.run(_run(args, data))
+        out["data_dir"] = str(data)
     else:
         with tempfile.TemporaryDirectory(prefix="jetfleet-soak-") as tmp:
             out = asyncio.run(_run(args, Path(tmp)))
