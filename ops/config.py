@@ -138,7 +138,8 @@ def apply(parser: argparse.ArgumentParser, path: str) -> None:
             except ValueError as exc:
                 raise UserError(f"config {path}: [settings] {exc}") from None
             for name, value in env.items():
-                os.environ.setdefault(name, value)
+                if not os.environ.get(name):  # the environment wins, unless empty
+                    os.environ[name] = value
             continue
         if section not in sections:
             raise UserError(f"config {path}: unknown section [{section}] (known: settings, "

@@ -14,7 +14,6 @@ from typing import Any
 from bus import codec
 
 DEFAULT_DATA_DIR = ".jetfleet"
-DEFAULT_CONNECT_TIMEOUT = 5.0
 
 
 class UserError(Exception):
@@ -42,9 +41,9 @@ def add_global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
                    default=default(os.environ.get("JETFLEET_CONFIG") if top else None),
                    help="read settings and options from FILE (TOML; see `jetfleet config "
                         "init`); flags and JETFLEET_* variables win (default $JETFLEET_CONFIG)")
-    p.add_argument("--connect-timeout", metavar="S", type=float,
-                   default=default(DEFAULT_CONNECT_TIMEOUT),
-                   help="give up when no server answers within S seconds (default 5)")
+    p.add_argument("--connect-timeout", metavar="S", type=float, default=default(None),
+                   help="give up when no server answers within S seconds (default "
+                        "$JETFLEET_CONNECT_TIMEOUT_S, else 5)")
 
 
 def client_call(args: argparse.Namespace, fn: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
