@@ -190,6 +190,8 @@ async def _run(args: argparse.Namespace, data: Path) -> dict[str, Any]:
                               for f in chaos.faults if f.what.startswith("server")],
             "kill_total": sum(1 for f in chaos.faults if not f.what.startswith("server")),
             "crashes": chaos.crashes,
+            "timeline": [{"at_s": round(f.at_s, 2), "what": f.what, "victim": f.victim,
+                          "recovered_s": f.recovered_s} for f in chaos.faults],
         })
         return out
     finally:
