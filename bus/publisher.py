@@ -101,8 +101,11 @@ class Publisher:
         if ack.error is not None:
             e = ack.error
             if e.err_code in _WRONG_LAST:
-                future.set_exception(js_errors.KeyWrongLastSequenceError(
-                    description=e.description))
+                # nats-py's own class (what its KV callers catch), carrying the
+                # codes a BadRequestError has, which its constructor drops.
+                wrong = js_errors.KeyWrongLastSequenceError(description=e.description)
+                wrong.code, wrong.err_code = e.code, e.err_code
+                future.set_exception(wrong)
             else:
                 future.set_exception(js_errors.APIError(code=e.code, err_code=e.err_code,
                                                         description=e.description))

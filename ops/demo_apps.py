@@ -101,6 +101,10 @@ async def _run(url: str, agent_instance: str) -> bool:
             c.print(f"[red]{job} ended {state.state}[/red]: {state.error or state.reason}")
             return False
         out = state.result
+        # The node's events come on a stream of their own: give them a moment.
+        until = time.monotonic() + 10.0
+        while not any(e["kind"] == "app_started" for e in events) and time.monotonic() < until:
+            await asyncio.sleep(0.05)
         for e in [e for e in events if e["kind"] == "app_started"][:1]:
             c.print(f"   the agent started worker {e['worker_id']} (pid {e['pid']}) because "
                     f"{e['reason']}; it was ready {e['start_s']:.2f}s after its spawn",

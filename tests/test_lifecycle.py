@@ -132,8 +132,12 @@ class Lifecycle(RuleBasedStateMachine):
         else:
             assert open_ == [], (s.state, self.history)
         if s.cancel_requested:
-            # Lost with the flag: whoever takes the job back confirms the cancel.
-            assert s.state in ("running", "lost") or s.state in TERMINAL_STATES, self.history
+            # Lost, retrying or handed back with the flag: no attempt may start again
+            # (start refuses a flagged job); whoever takes the message next confirms.
+            assert s.state in ("running", "lost", "retrying", "queued") \
+                or s.state in TERMINAL_STATES, self.history
+            if s.state in ("retrying", "queued"):
+                assert lc.start(s.attempt + 1, "w9", "n1", [])(s) is None, self.history
         assert len({(p.node, p.pid, p.create_time) for p in s.processes}) == len(s.processes)
         if s.state == "ended":
             assert s.origin == "discovered"

@@ -47,6 +47,7 @@ class Reporter:
         self.record_fraction: float | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.closed = False
+        self.flushing = False
 
     def report(self, fraction: float | None, message: str | None,
                data: dict[str, Any] | None) -> None:
@@ -90,7 +91,7 @@ class Reporter:
         self._spawn(emit(self.bus, ProgressEvent(job_id=att.job_id, attempt=att.number,
                                                  worker_id=self.worker_id, progress=fraction,
                                                  message=message, data=data)))
-        if fraction is not None:
+        if fraction is not None and not self.flushing:
             self.record_fraction = fraction
             if self.record_timer is None:
                 delay = max(0.0, self.last_record + self.record_interval_s - time.monotonic())
@@ -113,7 +114,13 @@ class Reporter:
             pass  # progress is best effort: a lost report is superseded by the next
 
     async def flush(self) -> None:
-        """Send what is pending, so progress precedes the outcome on the stream."""
+        """Send what is pending, so progress precedes the outcome on the stream.
+        A record write still waiting for its slot is dropped: the outcome's own
+        write follows at once, and racing it would only cost a compare-and-set."""
+        if self.record_timer is not None:
+            self.record_timer.cancel()
+            self.record_timer = None
+        self.flushing = True
         if self.event_timer is not None:
             self.event_timer.cancel()
             self._fire()
