@@ -11,9 +11,9 @@ demo:
 up *ARGS:
     jetfleet up {{ARGS}}
 
-# the default test run (soak and GPU tests left out)
+# the default test run (soak and GPU tests left out), two test files at a time
 test:
-    python -m pytest -q -p no:cacheprovider
+    python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 # slow soak and chaos runs
 soak:

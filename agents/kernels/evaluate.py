@@ -163,14 +163,11 @@ def _await_verdict(sock: socket.socket, req: EvalRequest,
                 ev.kill()
                 raise RuntimeError(f"the trusted kernel evaluator died without a verdict: {exc}") from exc
             msg = from_evaluator.decode(header)
-            if isinstance(msg, Started):
-                ev.pid = msg.evaluator_pid
-            elif isinstance(msg, SandboxUp):
-                ev.sandbox = msg
-                recent_sandboxes.append(msg)
-            elif isinstance(msg, Verdict):
+            if _note(ev, msg):
+                continue
+            if isinstance(msg, Verdict):
                 return msg.outcome
-            elif isinstance(msg, Broken):
+            if isinstance(msg, Broken):
                 ev.kill()
                 raise RuntimeError(f"kernel evaluator failed: {msg.error}")
             continue
@@ -198,18 +195,25 @@ def _parent_of(pid: int) -> int | None:
         return None
 
 
+def _note(ev: _Evaluator, msg: object) -> bool:
+    """Keep what the evaluator says of itself (its pid, its sandbox's ids)."""
+    if isinstance(msg, Started):
+        ev.pid = msg.evaluator_pid
+    elif isinstance(msg, SandboxUp):
+        ev.sandbox = msg
+        recent_sandboxes.append(msg)
+    else:
+        return False
+    return True
+
+
 def _drain(sock: socket.socket, ev: _Evaluator) -> None:
     """Read what the evaluator already said (its sandbox's ids) before killing it."""
     sock.setblocking(False)
     try:
         while True:
             header, _ = wire.recv_frame(sock, max_payload=0)
-            msg = from_evaluator.decode(header)
-            if isinstance(msg, Started):
-                ev.pid = msg.evaluator_pid
-            elif isinstance(msg, SandboxUp):
-                ev.sandbox = msg
-                recent_sandboxes.append(msg)
+            _note(ev, from_evaluator.decode(header))
     except (OSError, wire.ChannelClosed, wire.ProtocolError, ValueError):
         pass
     finally:
