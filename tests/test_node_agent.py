@@ -4,6 +4,7 @@ and real agent processes discovering, linking, losing and ending real jobs."""
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import itertools
 import json
 import os
@@ -20,7 +21,14 @@ from agents.node import AgentConfig, NodeAgent
 from agents.node.capture import CaptureLimits, RawProcess, capture, imports_of
 from agents.node.params import config_path, parse_params, split_entry
 from agents.node.patterns import JobPatterns, PatternError
-from agents.node.redact import REDACTED, capture_env, redact_argv, redact_text, secret_name
+from agents.node.redact import (
+    DEFAULT_ENV_ALLOW,
+    REDACTED,
+    capture_env,
+    redact_argv,
+    redact_text,
+    secret_name,
+)
 from agents.node.scanner import Scanner, discovered_id, split_cmdline
 from agents.node.simulated import SimulatedGpus
 from bus import codec, topology
@@ -229,8 +237,12 @@ def _train(tmp_path: Path, name: str, *args: str, env: dict[str, str] | None = N
             "API_KEY = 'sk-abcdefghijklmnopqrstuvwx0123'  # must never leave the node\n"
             "MARKER = 'train-code-marker'\n"
             "time.sleep(300)\n")
+    # The runner's own allow-listed variables (VIRTUAL_ENV, CUDA_*, ...) are left
+    # out, so the job's environment is exactly what the test gives it.
+    inherited = {k: v for k, v in os.environ.items()
+                 if not any(fnmatch.fnmatchcase(k, pat) for pat in DEFAULT_ENV_ALLOW)}
     return subprocess.Popen([sys.executable, str(script), *args], cwd=tmp_path,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
+                            env={**inherited, **(env or {})}, start_new_session=True)
 
 
 def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
