@@ -118,6 +118,13 @@ class JobTable:
         raise RuntimeError(f"job {job_id}: too many concurrent updates")
 
 
+def unreadable(job_id: str, exc: codec.DecodeError) -> str:
+    """Why a job's message is dead-lettered when something other than a job
+    record lies under the job's key (a client writing KV jobs by hand): it
+    reads no better on a redelivery."""
+    return f"the record of job {job_id} in KV jobs cannot be read ({exc.reason})"
+
+
 async def emit(bus: Bus, event: JobEvent, headers: dict[str, str] | None = None) -> None:
     """Publish a job event on `events.jobs.<id>` with a stable dedup id."""
     if not event.event_id:

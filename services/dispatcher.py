@@ -23,7 +23,7 @@ from bus import codec, topology, tracing
 from bus.adverts import AdvertBook
 from bus.connection import Bus
 from bus.consumer import ConsumerLoop, DeadLetterReaper, Delivery, Reject, Retry
-from bus.jobtable import JobTable, emit
+from bus.jobtable import JobTable, emit, unreadable
 from schemas import lifecycle as lc
 from schemas.common import ErrorInfo, is_valid_id
 from schemas.events import Cancelled, Dead, Duplicate, Failed, Queued, Submitted, Unschedulable
@@ -138,7 +138,7 @@ class Dispatcher:
             try:
                 existing = await self.jobs.get(job_id)
             except codec.DecodeError as exc:
-                raise Reject(_unreadable(job_id, exc), job_id=job_id) from None
+                raise Reject(unreadable(job_id, exc), job_id=job_id) from None
             if existing is None or existing[0].submit_seq != d.stream_seq:
                 # Known job (another Nats-Msg-Id, or a resubmission): never run twice.
                 known = existing[0].state if existing else "unknown"
@@ -255,7 +255,7 @@ class Dispatcher:
                 # parent cancelling a child it just submitted). Hold it a little.
                 raise Retry(0.5 * d.num_delivered, f"no job {req.job_id} yet")
         except codec.DecodeError as exc:
-            raise Reject(_unreadable(req.job_id, exc), job_id=req.job_id) from None
+            raise Reject(unreadable(req.job_id, exc), job_id=req.job_id) from None
 
     # ---- dead letters --------------------------------------------------------------
 
@@ -293,12 +293,6 @@ class Dispatcher:
     def stop(self) -> None:
         self.submits.stop()
         self.cancels.stop()
-
-
-def _unreadable(job_id: str, exc: codec.DecodeError) -> str:
-    """Something other than a job record under the job's key (a client writing
-    KV jobs by hand): it reads no better on a redelivery."""
-    return f"the record of job {job_id} in KV jobs cannot be read ({exc.reason})"
 
 
 async def cancel_job(bus: Bus, jobs: JobTable, req: CancelRequest) -> JobState | None:

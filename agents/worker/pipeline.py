@@ -41,7 +41,7 @@ from agents.worker.outcome import (
 from agents.worker.settle import Settler
 from bus import codec
 from bus.consumer import Delivery, backoff
-from bus.jobtable import JobTable, emit
+from bus.jobtable import JobTable, emit, unreadable
 from bus.resources import ResourceStore
 from schemas.common import ErrorInfo
 from schemas.events import Running
@@ -109,10 +109,7 @@ class Pipeline:
                     outcome = await self._run(att)
                     await self.settler.settle(att, outcome)
                 except codec.DecodeError as exc:
-                    # Something other than a job record under the job's key (a
-                    # client writing KV jobs by hand): it reads no better later.
-                    outcome = Rejected(f"the record of job {att.job_id} in KV jobs cannot "
-                                       f"be read ({exc.reason})")
+                    outcome = Rejected(unreadable(att.job_id, exc))
                     await self.settler.settle(att, outcome)
             except asyncio.CancelledError:
                 # Shutting down mid-attempt: let the server redeliver it at once.

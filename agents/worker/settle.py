@@ -11,15 +11,15 @@
     Busy        -                        -              nak after a short delay
     Abandoned   -                        -              left for the attempt that owns it
     Announced   -                        its terminal event again       ack (dead: term)
+    Rejected    -                        -              dead-letter, term
 
 An event is stored before its message is settled (ack, nak, term), so a refused
 event leaves the message to come back and the event to be said again.
-    Rejected    -                        -              dead-letter, term
 
 A record write that finds the job owned elsewhere (another attempt took it)
 leaves the message alone: the owner settles it. The events of an attempt go
 out on one connection in order; the outcome's event waits for the ones still
-in flight (running, progress) and goes out together with the acknowledgement.
+in flight (running, progress), then the acknowledgement follows it.
 """
 
 from __future__ import annotations
