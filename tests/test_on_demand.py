@@ -241,11 +241,20 @@ async def test_app_that_fails_to_import_is_reported_and_retried(components, proc
     assert "No module named 'later'" in first["error"] and first["details"]["phase"] == "import"
     assert (first["restarts"], second["restarts"]) == (1, 2)
     assert second["retry_in_s"] == 2 * first["retry_in_s"]
+    # Asked, the agent says why it cannot use the app (not only in its log).
+    async def failed_app() -> dict[str, Any] | None:  # (not while it probes again)
+        app = (await _agent_info(bus, "n-import"))["apps"][0]
+        return app if app["state"] == "failed" else None
+
+    app = await eventually(failed_app, what="the app's state: failed")
+    assert "No module named 'later'" in app["problem"], app
     # The app appears: the next try finds it, and work is served.
     (folder / "later.py").write_text(QUICK)
     state = await client.wait(await client.submit("quick.echo", {"late": True}), timeout=40)
     assert state.state == "succeeded" and state.worker_id == "n-import-later-0"
     await eventually(lambda: events.of("app_started"), what="app_started")
+    app = (await _agent_info(bus, "n-import"))["apps"][0]
+    assert app["state"] == "ready" and app["problem"] is None, app
     await events.stop()
 
 

@@ -72,6 +72,7 @@ class AppState:
     gave_up: str = ""  # a configuration that can never work, said once
     pending_since: float | None = None
     blocked: str = ""  # why a wanted start did not happen (logged once per reason)
+    last_error: str = ""  # the latest failure to load or start it (cleared once it loads)
     demand: Demand = field(default_factory=Demand)
 
     @property
@@ -188,7 +189,7 @@ class AppSupervisor:
         self._declared(app, decl)
 
     def _declared(self, app: AppState, decl: AppDeclaration) -> None:
-        app.decl = decl
+        app.decl, app.last_error = decl, ""
         app.plan = p = plan(decl, app.cfg, self.inv)
         for problem in p.problems:
             log.warning("app %s: %s", app.cfg.name, problem)
@@ -466,6 +467,7 @@ class AppSupervisor:
     def _failed(self, app: AppState, error: str, *, phase: str,
                       worker: AppWorker | None = None) -> None:
         app.failures += 1
+        app.last_error = error
         cfg = app.cfg
         delay = min(cfg.max_backoff_s, cfg.backoff_s * 2 ** (app.failures - 1))
         app.next_try = time.monotonic() + delay
@@ -521,7 +523,7 @@ class AppSupervisor:
                              "stopping": w.stopping,
                              "idle_s": round(nowm - w.busy_at, 1) if w.ready else None}
                             for w in app.workers.values()],
-                "problem": app.gave_up or app.blocked or None,
+                "problem": app.gave_up or app.blocked or app.last_error or None,
             })
         return {"apps": out, "started": self.started, "stopped": self.stopped,
                 "failed": self.failed}
