@@ -44,6 +44,14 @@ async def _node_events(client: Any, node: str, out: list[dict[str, Any]]) -> Any
                                          ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
 
 
+async def _when(events: list[dict[str, Any]], kind: str, within: float) -> list[dict[str, Any]]:
+    """The node events of `kind` heard so far, waiting up to `within` s for the first."""
+    deadline = time.monotonic() + within
+    while not any(e["kind"] == kind for e in events) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return [e for e in events if e["kind"] == kind]
+
+
 async def _agent_ready(client: Any, instance: str, timeout: float = 60.0) -> dict[str, Any]:
     """The agent's control info once it knows what the app serves."""
     from bus import control
@@ -77,7 +85,8 @@ async def _run(url: str, agent_instance: str) -> bool:
         info = await _agent_ready(client, agent_instance)
         node, app = info["node"], info["apps"][0]
         if app["state"] != "ready":
-            c.print(f"[red]the agent cannot use the demo's app[/red]: {app.get('problem')}")
+            c.print(f"[red]the agent cannot use the demo's app[/red] ({app['state']}): "
+                    f"{app.get('problem') or 'see the agent log'}", soft_wrap=True)
             return False
         sub = await _node_events(client, node, events)
         serving = [a.worker_id for a in await client.workers()
@@ -102,10 +111,7 @@ async def _run(url: str, agent_instance: str) -> bool:
             return False
         out = state.result
         # The node's events come on a stream of their own: give them a moment.
-        until = time.monotonic() + 10.0
-        while not any(e["kind"] == "app_started" for e in events) and time.monotonic() < until:
-            await asyncio.sleep(0.05)
-        for e in [e for e in events if e["kind"] == "app_started"][:1]:
+        for e in (await _when(events, "app_started", within=10.0))[:1]:
             c.print(f"   the agent started worker {e['worker_id']} (pid {e['pid']}) because "
                     f"{e['reason']}; it was ready {e['start_s']:.2f}s after its spawn",
                     soft_wrap=True)
@@ -126,11 +132,7 @@ async def _run(url: str, agent_instance: str) -> bool:
             c.print(f"   {line}", soft_wrap=True)
 
         c.print(f"[bold]6.[/bold] idle for {IDLE_STOP_S:g}s, the worker is stopped ...")
-        deadline = time.monotonic() + IDLE_STOP_S + 30
-        while time.monotonic() < deadline and not [e for e in events
-                                                    if e["kind"] == "app_stopped"]:
-            await asyncio.sleep(0.2)
-        stopped = [e for e in events if e["kind"] == "app_stopped"]
+        stopped = await _when(events, "app_stopped", within=IDLE_STOP_S + 30)
         if stopped:
             c.print(f"   app_stopped: {stopped[0]['worker_id']} ({stopped[0]['reason']})",
                     soft_wrap=True)
