@@ -18,7 +18,9 @@ import base64
 import contextlib
 import hashlib
 import os
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
+import threading
+import time
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import IO, Any, TypeAlias, cast
 
@@ -27,6 +29,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from bus.datalink import DataLink, LinkError, LinkStalled
 from schemas.objects import ObjectMeta
 
 DIGEST_PREFIX = "SHA-256="
@@ -365,3 +368,210 @@ async def _next(sub: Any, what: str, stall_s: float) -> Msg:
     except nats.errors.Error as exc:
         raise ObjectStoreUnavailable(what, f"reading chunks failed: {exc!r}") from exc
     return msg
+
+
+# ---- the same over a data link (bus.datalink): no copy between socket and caller ------------
+
+
+def link_read(link: DataLink, inbox: str, direct_subject: str, subject: str, meta: ObjectMeta,
+              *, region: Callable[[int], memoryview], landed: Callable[[memoryview], None],
+              what: str, batch_chunks: int, settle_s: float) -> int:
+    """read_chunks over a data link, run in a thread: each chunk's payload is
+    received into `region(n)` (where its n bytes belong) and handed to
+    `landed(view)`; returns the number of chunks. Size and count are checked
+    here, the digest by the caller (it is computed beside this thread).
+
+    Batches are of `batch_chunks` chunks; the next one is asked for as soon as
+    the header of a batch's last chunk arrives, so the server never waits for
+    a round trip, and at most two batches are ever queued for this client."""
+    link.subscribe(inbox)
+    got = chunks = 0
+    seq = 1
+    settle_until: float | None = None
+    asked = 0          # batches asked for whose end-of-batch has not come
+    left = 0           # chunks the newest batch may still bring
+    mark = 0           # bytes got when the newest batch was asked for
+
+    def ask(from_seq: int) -> None:
+        nonlocal asked, left, mark
+        remaining = max(1, meta.chunks - chunks) if meta.chunks else batch_chunks
+        n = min(batch_chunks, remaining)
+        req = {"seq": from_seq, "next_by_subj": subject, "batch": n, "max_bytes": 1 << 40}
+        link.publish(direct_subject, msgspec.json.encode(req), reply=inbox)
+        asked += 1
+        left = n
+        mark = got
+
+    ask(seq)
+    while got < meta.size:
+        frame = link.frame()
+        status = frame.status()
+        if status:
+            link.skip(frame.size)
+            link.end_payload()
+            if status not in ("204", "404"):
+                desc = frame.header(b"Description") or ""
+                raise ObjectStoreUnavailable(what, f"the server answered {status} {desc}".rstrip())
+            asked -= 1
+            if asked:
+                continue  # the batch asked for ahead follows
+            # Nothing asked for and the object is not whole: a chunk is missing
+            # (gone, or a replica lags the leader: wait up to settle_s for it).
+            if got > mark:
+                settle_until = None
+            else:
+                now = time.monotonic()
+                if settle_until is None:
+                    settle_until = now + settle_s
+                if now >= settle_until:
+                    raise ObjectTruncated(what, f"only {chunks} of {meta.chunks} chunks "
+                                                f"({got} of {meta.size} bytes) are on the server")
+                time.sleep(min(0.1, settle_s))
+            ask(seq)
+            continue
+        if got + frame.size > meta.size:
+            raise ObjectCorrupt(what, f"its chunks hold more than its size of {meta.size} bytes")
+        at = frame.header(b"Nats-Sequence")
+        seq = int(at) + 1 if at else seq
+        left -= 1
+        if left == 0 and asked == 1 and got + frame.size < meta.size:
+            ask(seq)
+        view = region(frame.size)
+        link.read_into(view)
+        link.end_payload()
+        landed(view)
+        got += frame.size
+        chunks += 1
+    return chunks
+
+
+class _LinkAcks:
+    """AckWindow for a data link: the acks are read in a thread of their own
+    while the sender's thread publishes."""
+
+    def __init__(self, link: DataLink, what: str, msgs: int, nbytes: int) -> None:
+        self.link = link
+        self.what = what
+        self.msgs = msgs
+        self.nbytes = nbytes
+        self.inflight: dict[str, int] = {}
+        self.bytes = 0
+        self.error: BaseException | None = None
+        self.sent_all = False
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="jetfleet-data-acks", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    if self.error is not None or (self.sent_all and not self.inflight):
+                        return
+                frame = self.link.frame_or_pong()
+                if frame is None:
+                    continue
+                body = self.link.read_bytes(frame.size)
+                self.link.end_payload()
+                self._ack(frame.subject.rsplit(".", 1)[-1], frame.status(), body)
+        except LinkStalled:
+            self._fail(ObjectStoreUnavailable(self.what, "no publish ack from the server for "
+                                                         f"{self.link.sock.gettimeout():g}s"))
+        except LinkError as exc:
+            self._fail(ObjectStoreUnavailable(self.what, f"publishing chunks failed: {exc}"))
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        with self.cond:
+            if self.error is None:
+                self.error = exc
+            self.cond.notify_all()
+
+    def _ack(self, token: str, status: str, body: bytes) -> None:
+        error: ObjectError | None = None
+        if status == "503":
+            error = ObjectStoreUnavailable(self.what, "no stream takes its chunks "
+                                                      "(is the topology applied?)")
+        elif status:
+            error = ObjectStoreUnavailable(self.what, f"the server answered {status}")
+        else:
+            try:
+                ack = msgspec.json.decode(body)
+            except msgspec.DecodeError:
+                ack = None
+                error = ObjectStoreUnavailable(self.what, f"unreadable publish ack {body[:80]!r}")
+            if isinstance(ack, dict) and "error" in ack:
+                err = ack["error"] or {}
+                error = ObjectStoreUnavailable(
+                    self.what, f"the server refused a chunk: {err.get('description', err)}")
+        with self.cond:
+            size = self.inflight.pop(token, None)
+            if size is not None:
+                self.bytes -= size
+            if error is not None and self.error is None:
+                self.error = error
+            self.cond.notify_all()
+
+    def reserve(self, token: str, size: int) -> None:
+        with self.cond:
+            while self.inflight and (len(self.inflight) >= self.msgs
+                                     or self.bytes + size > self.nbytes):
+                if self.error is not None:
+                    raise self.error
+                self.cond.wait()
+            if self.error is not None:
+                raise self.error
+            self.inflight[token] = size
+            self.bytes += size
+
+    def finish(self) -> None:
+        with self.cond:
+            self.sent_all = True
+        # The ack reader wakes on this PING's PONG if every ack came already.
+        self.link.write(b"PING\r\n")
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def link_publish(link: DataLink, inbox: str, subject: str, pieces: Iterable[bytes | memoryview],
+                 *, what: str, limit: int, headers: dict[str, str] | None, window: int,
+                 window_bytes: int) -> tuple[int, int, str, float | None]:
+    """publish_chunks over a data link, run in a thread: each chunk sent from
+    the caller's memory, hashed right after (still in cache), at most
+    `window` / `window_bytes` waiting for their acks."""
+    link.subscribe(f"{inbox}.*")
+    block = b""
+    if headers:
+        block = ("NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                 + "\r\n").encode()
+    acks = _LinkAcks(link, what, window, window_bytes)
+    acks.thread.start()
+    h = hashlib.sha256()
+    size = count = 0
+    first: float | None = None
+    try:
+        for piece in pieces:
+            n = memoryview(piece).nbytes
+            if n == 0:
+                continue
+            if size + n > limit:
+                raise ObjectTooLarge(what, f"more than the limit of {limit} bytes "
+                                           "(JETFLEET_MAX_OBJECT_BYTES)")
+            token = str(count)
+            acks.reserve(token, n)
+            if first is None:
+                first = time.monotonic()
+            link.publish(subject, piece, reply=f"{inbox}.{token}", headers=block)
+            h.update(piece)
+            size += n
+            count += 1
+        acks.finish()
+    except LinkError as exc:
+        raise ObjectStoreUnavailable(what, f"publishing chunks failed: {exc}") from None
+    except OSError as exc:
+        raise ObjectStoreUnavailable(what, f"publishing chunks failed: {exc}") from None
+    finally:
+        link.close()
+        acks.thread.join(5)
+    return size, count, digest_text(h), first

@@ -20,12 +20,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
+import hashlib
+import logging
 import math
 import os
+import queue
 import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -43,6 +47,15 @@ from nats.js.object_store import (
 
 from bus import topology
 from bus.connection import Bus
+from bus.datalink import (
+    DataLink,
+    Digester,
+    LinkError,
+    LinkStalled,
+    LinkUnavailable,
+    in_thread,
+    pieces_of_file,
+)
 from bus.objectio import (
     InvalidRef,
     ObjectChanged,
@@ -56,11 +69,21 @@ from bus.objectio import (
     Source,
     WrongBucket,
     chunks_of,
+    digest_bytes,
+    digest_text,
+    link_publish,
+    link_read,
     publish_chunks,
     read_chunks,
 )
 from schemas.common import ObjRef, new_id
 from schemas.objects import EXPIRES_KEY, ObjectMeta, ObjectMetaOptions, rfc3339
+
+log = logging.getLogger(__name__)
+
+# Objects at least this large move over a data link of their own (bus.datalink):
+# opening one costs a round trip or two, which a small object does not repay.
+LINK_MIN_BYTES = 4 << 20
 
 __all__ = [
     "InvalidRef", "ObjRef", "ObjectChanged", "ObjectCorrupt", "ObjectError", "ObjectExpired",
@@ -121,7 +144,8 @@ class ObjectStore:
                  max_object_bytes: int | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  window: int = 16, window_bytes: int = 32 << 20,
                  batch_bytes: int = 16 << 20, stall_s: float = 15.0,
-                 settle_s: float = 1.0, ttl_grace_s: int = CHUNK_TTL_GRACE_S) -> None:
+                 settle_s: float = 1.0, ttl_grace_s: int = CHUNK_TTL_GRACE_S,
+                 data_links: bool = True, link_min_bytes: int | None = None) -> None:
         self.bus = bus
         self.bucket = bucket
         self.max_object_bytes = (bus.settings.max_object_bytes if max_object_bytes is None
@@ -134,6 +158,13 @@ class ObjectStore:
         self.stall_s = stall_s
         self.settle_s = settle_s
         self.ttl_grace_s = max(1, ttl_grace_s)
+        # Objects of at least link_min_bytes (LINK_MIN_BYTES by default) move
+        # over a data link of their own, unless data_links is off.
+        self.link_min_bytes = (None if not data_links else
+                               LINK_MIN_BYTES if link_min_bytes is None else link_min_bytes)
+        # How many transfers went over a data link, and why the last one could not.
+        self.links_used = 0
+        self.link_unavailable: str | None = None
         self.stream = OBJ_STREAM_TEMPLATE.format(bucket=bucket)
         prefix = getattr(bus.js, "_prefix", "$JS.API")
         # The JetStream direct-get API of the store's stream (allow_direct).
@@ -169,10 +200,19 @@ class ObjectStore:
         headers = {"Nats-TTL": str(ttl_s + self.ttl_grace_s)} if ttl_s else None
         loop = asyncio.get_running_loop()
         try:
-            size, count, digest, first = await publish_chunks(
-                self.bus.nc, subject, chunks_of(data, self.chunk_size), what=what,
-                limit=self.max_object_bytes, headers=headers, window=self.window,
-                window_bytes=self.window_bytes, stall_s=self.stall_s)
+            link = await self._link(known) if _link_source(data) else None
+            if link is not None:
+                pieces = (pieces_of_file(data, self.chunk_size) if isinstance(data, os.PathLike)
+                          else _slices(data, self.chunk_size))  # type: ignore[arg-type]
+                size, count, digest, first = await in_thread(link, lambda: link_publish(
+                    link, self.bus.nc.new_inbox(), subject, pieces, what=what,
+                    limit=self.max_object_bytes, headers=headers, window=self.window,
+                    window_bytes=self.window_bytes))
+            else:
+                size, count, digest, first = await publish_chunks(
+                    self.bus.nc, subject, chunks_of(data, self.chunk_size), what=what,
+                    limit=self.max_object_bytes, headers=headers, window=self.window,
+                    window_bytes=self.window_bytes, stall_s=self.stall_s)
             meta = ObjectMeta(name=name, bucket=self.bucket, nuid=nuid, size=size,
                               chunks=count, digest=digest, mtime=rfc3339(time.time()),
                               description=description,
@@ -344,7 +384,77 @@ class ObjectStore:
                     raise
         raise ObjectStoreUnavailable(what, "replaced again and again while being read")
 
+    async def _link(self, size: int | None) -> DataLink | None:
+        """A data link for a transfer of `size` bytes, or None: the object is
+        small, links are off, or one cannot be opened (then the bus's own
+        connection carries it, and `link_unavailable` says why)."""
+        if self.link_min_bytes is None or size is None or size < self.link_min_bytes:
+            return None
+        nc = self.bus.nc
+        url = nc.connected_url
+        if url is None or not nc.is_connected:
+            return None
+        try:
+            link = await asyncio.to_thread(DataLink.open, url, self.bus.settings,
+                                           timeout=min(self.stall_s, 5.0))
+        except LinkUnavailable as exc:
+            self.link_unavailable = str(exc)
+            log.debug("objects: no data link (%s): using the bus connection", exc)
+            return None
+        link.sock.settimeout(self.stall_s)
+        self.links_used += 1
+        return link
+
+    async def _link_fetch(self, link: DataLink, meta: ObjectMeta, what: str,
+                          region: Callable[[int], memoryview],
+                          after: Callable[[memoryview], None] | None) -> None:
+        """Every chunk over `link` into `region`, hashed beside the socket
+        (then `after`), the digest checked."""
+        want = digest_bytes(meta.digest)
+        if want is None:
+            link.close()
+            raise ObjectCorrupt(what, f"its meta record has no valid digest ({meta.digest!r})")
+        digester = Digester(hashlib.sha256(), after)
+
+        def work() -> Any:
+            try:
+                link_read(link, self.bus.nc.new_inbox(), self._direct,
+                          self._chunk_subject(meta.nuid), meta, region=region,
+                          landed=digester.add, what=what,
+                          batch_chunks=max(1, self.batch_bytes // self.chunk_size),
+                          settle_s=self.settle_s)
+            except BaseException:
+                digester.abandon()
+                raise
+            finally:
+                link.close()
+            return digester.finish()
+
+        try:
+            h = await in_thread(link, work)
+        except LinkStalled:
+            raise ObjectStoreUnavailable(
+                what, f"no data from the server for {self.stall_s:g}s") from None
+        except (LinkError, OSError) as exc:
+            raise ObjectStoreUnavailable(what, f"reading chunks failed: {exc}") from None
+        if h.digest() != want:
+            raise ObjectCorrupt(what, f"digest mismatch: read {digest_text(h)}, "
+                                      f"its meta says {meta.digest}")
+
     async def _into_buffer(self, meta: ObjectMeta, what: str) -> bytearray:
+        link = await self._link(meta.size)
+        if link is not None:
+            out = _unfilled(meta.size)
+            whole = memoryview(out)
+            at = [0]
+
+            def region(n: int) -> memoryview:
+                view = whole[at[0]:at[0] + n]
+                at[0] += n
+                return view
+
+            await self._link_fetch(link, meta, what, region, None)
+            return out
         out = bytearray(meta.size)
         view = memoryview(out)
         pos = 0
@@ -359,6 +469,23 @@ class ObjectStore:
         return out
 
     async def _into_file(self, meta: ObjectMeta, what: str, target: Path) -> None:
+        link = await self._link(meta.size)
+        if link is not None:
+            part = _PartFile(target)
+            pool = _Buffers(max(2, self.batch_bytes // self.chunk_size + 2), self.chunk_size,
+                            self.stall_s, what)
+
+            def write(view: memoryview) -> None:
+                part.f.write(view)
+                pool.give_back(view)
+
+            try:
+                await self._link_fetch(link, meta, what, pool.take, write)
+                part.commit()
+            except BaseException:
+                part.abort()
+                raise
+            return
         part = _PartFile(target)
         loop = asyncio.get_running_loop()
         chunks = self._chunks(meta, what)
@@ -532,6 +659,66 @@ def _ttl_seconds(ttl: float | None, what: str) -> int:
         raise ValueError(f"object {what}: ttl must be a positive number of seconds, "
                          f"not {ttl!r}")
     return max(1, math.ceil(ttl))
+
+
+class _Buffers:
+    """At most `count` reusable buffers for chunks on their way to a file: the
+    socket is not read further while every one is still being written."""
+
+    def __init__(self, count: int, size: int, stall_s: float, what: str) -> None:
+        self.what = what
+        self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self.left = count
+        self.size = size
+        self.stall_s = stall_s
+
+    def take(self, n: int) -> memoryview:
+        try:
+            buf = self.free.get_nowait()
+        except queue.Empty:
+            if self.left > 0:
+                self.left -= 1
+                buf = bytearray(max(n, self.size))
+            else:
+                try:
+                    buf = self.free.get(timeout=self.stall_s)
+                except queue.Empty:
+                    raise ObjectStoreUnavailable(
+                        self.what, f"writing the file took over {self.stall_s:g}s") from None
+        if len(buf) < n:
+            buf = bytearray(n)
+        return memoryview(buf)[:n]
+
+    def give_back(self, view: memoryview) -> None:
+        buf = view.obj
+        if isinstance(buf, bytearray):
+            self.free.put(buf)
+
+
+_bytearray_of_size = ctypes.pythonapi.PyByteArray_FromStringAndSize
+_bytearray_of_size.restype = ctypes.py_object
+_bytearray_of_size.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+
+
+def _unfilled(size: int) -> bytearray:
+    """A bytearray of `size` whose bytes are not zeroed first (the C API with a
+    NULL source): every byte is about to be received into it, and a large one
+    is fresh mmap'ed memory, faulted in page by page by the receiving thread
+    (outside the GIL) instead of memset here on the event loop. Never handed
+    out unless every byte was written."""
+    out: bytearray = _bytearray_of_size(None, size)
+    return out
+
+
+def _link_source(data: Source) -> bool:
+    """Sources a data link's thread can read by itself: memory and files by path."""
+    return isinstance(data, bytes | bytearray | memoryview | os.PathLike)
+
+
+def _slices(data: bytes | bytearray | memoryview, size: int) -> Iterator[memoryview]:
+    view = memoryview(data).cast("B")
+    for off in range(0, view.nbytes, size):
+        yield view[off:off + size]
 
 
 def _known_size(data: Source) -> int | None:

@@ -2,9 +2,11 @@
 through bus.objects beside nats-py's own ObjectStore, on an embedded
 nats-server started for the run.
 
-jetfleet: ObjectStore.put (pipelined chunks, bounded in-flight acks), get
-          (direct-get batches into one preallocated buffer, digest checked),
-          get_to (the same into a file).
+jetfleet: ObjectStore with its defaults: from 4 MiB on over a data link
+          (bus.datalink: chunks sent from and received into place, hashed
+          in a thread beside the socket), smaller objects on the bus's
+          connection; put, get (into one buffer, digest checked), get_to
+          (into a file).
 nats-py:  nats.js.object_store.ObjectStore in its best use: put of the bytes,
           get(writeinto=BytesIO) and get(writeinto=<file>) (its plain get
           concatenates bytes per chunk, quadratic: nats.py #703).

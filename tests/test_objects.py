@@ -20,8 +20,10 @@ import msgspec
 import pytest
 from nats.js.api import StreamInfo
 
+import bus.objects as objects_module
 from bus import topology
 from bus.connection import connect
+from bus.datalink import DataLink
 from bus.objects import (
     InvalidRef,
     ObjectChanged,
@@ -41,6 +43,29 @@ from tests.conftest import ROOT, eventually
 
 CHUNK = 64 * 1024
 STREAM = "OBJ_objects"
+
+
+@pytest.fixture(params=["bus", "link"])
+def transfer(request, monkeypatch):
+    """Run a test twice: every transfer on the bus's own connection, then every
+    one (whatever its size) over a data link; in the second, at least one link
+    must really have been opened."""
+    opened = []
+    real_open = DataLink.open.__func__
+
+    def counting_open(cls, *args, **kw):
+        link = real_open(cls, *args, **kw)
+        opened.append(link)
+        return link
+
+    monkeypatch.setattr(DataLink, "open", classmethod(counting_open))
+    monkeypatch.setattr(objects_module, "LINK_MIN_BYTES",
+                        0 if request.param == "link" else 1 << 62)
+    yield request.param
+    if request.param == "link":
+        assert opened, "no transfer went over a data link"
+    else:
+        assert not opened
 
 
 def blob(n: int, seed: int = 1) -> bytes:
@@ -69,6 +94,7 @@ async def stream_state(bus) -> StreamInfo:
     return await bus.js.stream_info(STREAM)
 
 
+@pytest.mark.usefixtures("transfer")
 async def test_put_then_get_returns_the_same_bytes_and_nats_py_reads_them_too(bus):
     store = ObjectStore(bus, chunk_size=CHUNK)
     data = blob(16 * CHUNK + 123)
@@ -98,6 +124,7 @@ async def test_put_then_get_returns_the_same_bytes_and_nats_py_reads_them_too(bu
     assert (await natspy.get("empty")).data == b""
 
 
+@pytest.mark.usefixtures("transfer")
 async def test_every_kind_of_source_can_be_put(bus, tmp_path):
     store = ObjectStore(bus, chunk_size=CHUNK)
     data = blob(3 * CHUNK + 7, seed=3)
@@ -165,6 +192,7 @@ async def _python(code: str, *args: str, env: dict[str, str]) -> str:
     return out.decode()
 
 
+@pytest.mark.usefixtures("transfer")
 async def test_a_corrupted_chunk_is_detected_and_named(bus, tmp_path):
     store = ObjectStore(bus, chunk_size=CHUNK)
     data = blob(4 * CHUNK, seed=4)
@@ -199,6 +227,7 @@ async def test_a_corrupted_chunk_is_detected_and_named(bus, tmp_path):
         await (await bus.js.object_store(topology.OBJECTS)).get("model/weights")
 
 
+@pytest.mark.usefixtures("transfer")
 async def test_a_truncated_object_is_an_error_within_bounded_time(bus):
     store = ObjectStore(bus, chunk_size=CHUNK, settle_s=0.5)
     data = blob(5 * CHUNK, seed=5)
@@ -257,6 +286,7 @@ async def test_wrong_and_missing_refs_are_refused_with_their_name(bus):
         await store.delete("cfg/current")
 
 
+@pytest.mark.usefixtures("transfer")
 async def test_puts_beyond_the_configured_limit_are_refused_and_leave_nothing(bus):
     store = ObjectStore(bus, chunk_size=CHUNK, max_object_bytes=100_000)
     before = (await stream_state(bus)).state.messages
@@ -291,6 +321,7 @@ async def _messages_are(bus, n: int) -> bool:
     return (await stream_state(bus)).state.messages == n
 
 
+@pytest.mark.usefixtures("transfer")
 async def test_objects_with_a_ttl_disappear_after_it(bus):
     store = ObjectStore(bus, chunk_size=CHUNK, ttl_grace_s=1)
     keep = await store.put(b"stays", name="keep")
@@ -350,6 +381,7 @@ async def test_the_streaming_reader_yields_the_object_in_order(bus):
             pass
 
 
+@pytest.mark.usefixtures("transfer")
 async def test_get_to_writes_the_file_and_list_and_delete_agree(bus, tmp_path):
     store = ObjectStore(bus, chunk_size=CHUNK)
     data = blob(2 * CHUNK + 1, seed=9)
@@ -380,6 +412,7 @@ async def chunk_seqs_of(bus, nuid: str) -> int:
     return sum((info.state.subjects or {}).values())
 
 
+@pytest.mark.usefixtures("transfer")
 async def test_many_transfers_at_once_on_one_connection(bus):
     store = ObjectStore(bus, chunk_size=CHUNK, window=4)
     datas = [blob(CHUNK * (i + 1) + i, seed=20 + i) for i in range(6)]
@@ -388,6 +421,7 @@ async def test_many_transfers_at_once_on_one_connection(bus):
     assert got == datas
 
 
+@pytest.mark.usefixtures("transfer")
 async def test_puts_of_one_name_racing_leave_only_the_winners_chunks(bus):
     """Each put replaces the record it read (compare-and-set) and purges exactly
     the chunks it replaced: no orphan chunks, whoever wins."""
@@ -420,6 +454,98 @@ async def test_a_server_that_goes_away_is_an_error_not_a_hang(settings, nats_ser
     finally:
         with contextlib.suppress(Exception):
             await bus.nc.close()
+
+
+async def test_a_large_object_moves_over_a_data_link_that_nats_py_agrees_with(bus, tmp_path):
+    """An object of LINK_MIN_BYTES or more goes over a data link of its own by
+    default (put, get and get_to), in the standard layout: nats-py reads what
+    it put, and jetfleet reads what nats-py put."""
+    store = ObjectStore(bus)
+    data = blob(objects_module.LINK_MIN_BYTES + 3 * 1024 + 7, seed=50)
+    ref = await store.put(data, name="big/one")
+    assert ref.digest == sha(data) and ref.size == len(data)
+    assert await store.get(ref) == data
+    await store.get_to(ref, tmp_path / "one.bin")
+    assert (tmp_path / "one.bin").read_bytes() == data
+    assert store.links_used == 3 and store.link_unavailable is None
+    natspy = await bus.js.object_store(topology.OBJECTS)
+    assert (await natspy.get("big/one")).data == data
+    other = blob(len(data) - 1, seed=51)
+    await natspy.put("big/two", other)
+    assert await store.get("big/two") == other
+    assert store.links_used == 4
+    # Small objects stay on the bus's connection; links can be turned off.
+    await store.get(await store.put(b"small", name="big/small"))
+    off = ObjectStore(bus, data_links=False)
+    assert await off.get(ref) == data
+    assert store.links_used == 4 and off.links_used == 0
+
+
+async def test_a_server_frozen_mid_transfer_is_an_error_on_the_link_and_cancel_ends_it(
+        bus, nats_server):
+    """SIGSTOP the server once a get's data link is open: the get fails with
+    ObjectStoreUnavailable after stall_s, not later and not never; a cancelled
+    transfer closes its link, so its thread ends at once."""
+    import signal
+    import threading
+
+    ref = await ObjectStore(bus).put(blob(1 << 20, seed=52), name="frozen/one")
+    store = ObjectStore(bus, stall_s=1.5, link_min_bytes=0)
+
+    async def frozen_while(run):
+        task = asyncio.ensure_future(run())
+        while store.links_used == 0 and not task.done():
+            await asyncio.sleep(0)
+        os.kill(nats_server.proc.pid, signal.SIGSTOP)
+        return task
+
+    try:
+        t0 = time.monotonic()
+        task = await frozen_while(lambda: store.get(ref))
+        with pytest.raises(ObjectStoreUnavailable, match=r"frozen/one: no data from the "
+                                                         r"server for 1.5s"):
+            await task
+        assert 1.4 < time.monotonic() - t0 < 10
+        assert store.links_used == 1 and store.link_unavailable is None
+    finally:
+        os.kill(nats_server.proc.pid, signal.SIGCONT)
+
+    store.links_used = 0
+    try:
+        task = await frozen_while(lambda: store.get(ref))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        t0 = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert time.monotonic() - t0 < 1.0  # not the 1.5 s stall
+    finally:
+        os.kill(nats_server.proc.pid, signal.SIGCONT)
+    await eventually(lambda: _no_link_threads(threading), what="link thread ended")
+    # The server and the bus are fine afterwards.
+    assert await store.get(ref) == blob(1 << 20, seed=52)
+
+
+async def test_where_no_data_link_can_be_opened_the_bus_connection_carries_it(tmp_path):
+    """A server that takes one connection only (max_connections: 1) refuses the
+    link; the transfer goes over the bus's own connection instead, and the
+    store says why."""
+    from bus.server import EmbeddedServer
+
+    with EmbeddedServer(tmp_path / "nats", extra_config="max_connections: 1") as server:
+        bus = await connect(Settings(), url=server.url)
+        try:
+            store = ObjectStore(bus, link_min_bytes=0)
+            data = blob(3 * CHUNK, seed=53)
+            assert await store.get(await store.put(data, name="one/conn")) == data
+            assert store.links_used == 0
+            assert "maximum connections" in (store.link_unavailable or "")
+        finally:
+            await bus.close()
+
+
+async def _no_link_threads(threading) -> bool:
+    return not any(t.name.startswith("jetfleet-data") for t in threading.enumerate())
 
 
 def test_the_objects_cli_end_to_end(procs, tmp_path: Path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from bus import codec, topology
 from bus.connection import Bus, ConnectError, PermissionDenied, connect
 from bus.control import request
 from bus.credentials import FleetKeys, read_identity, write_creds
+from bus.objects import ObjectStore, ObjectStoreUnavailable
 from bus.pull import pull_now
 from bus.security import Grant
 from bus.server import EmbeddedServer
@@ -284,6 +286,28 @@ async def test_each_role_does_its_own_job(secured: Secured) -> None:
     finally:
         for b in (client, agent, worker, dispatcher):
             await b.close()
+
+
+async def test_an_objects_data_link_proves_the_same_identity(secured: Secured) -> None:
+    """A large object's data link signs the server's nonce with the bus's own
+    credentials: a client's put and get go over links (not the fallback), and
+    the monitor, which may not write the object store, is refused on its link."""
+    client = await secured.connect(GRANTS["client"])
+    monitor = await secured.connect(GRANTS["monitor"])
+    try:
+        store = ObjectStore(client, link_min_bytes=0, stall_s=5)
+        data = os.urandom(2 << 20)
+        ref = await store.put(data, name="secured/blob")
+        assert await store.get(ref) == data
+        assert store.links_used == 2 and store.link_unavailable is None
+        refused = ObjectStore(monitor, link_min_bytes=0, stall_s=5)
+        with pytest.raises(ObjectStoreUnavailable, match=r"secured/other: .*Permissions"):
+            await refused.put(data, name="secured/other")
+        assert refused.links_used == 1
+        assert await ObjectStore(client).get(ref) == data  # nothing of the refused put
+    finally:
+        await client.close()
+        await monitor.close()
 
 
 async def test_a_credential_of_another_fleet_is_refused_in_one_line(secured: Secured,

@@ -4,12 +4,14 @@ in one line, and `jetfleet up --tls --secure` end to end."""
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
 import pytest
 
 from bus.connection import ConnectError, connect
+from bus.objects import ObjectStore
 from bus.server import EmbeddedServer
 from bus.settings import Settings
 from bus.tls import TlsFiles, generate, load_or_generate
@@ -40,6 +42,11 @@ async def test_a_server_with_given_certificates_serves_clients_with_the_ca(
         try:
             assert bus.nc.connected_url is not None
             await Client(bus).submit("echo", {"over": "tls"})
+            # An object's data link speaks TLS too, checked against the same CA.
+            store = ObjectStore(bus, link_min_bytes=0)
+            data = os.urandom(3 << 20)
+            assert await store.get(await store.put(data, name="over/tls")) == data
+            assert store.links_used == 2 and store.link_unavailable is None
         finally:
             await bus.close()
         with pytest.raises(ConnectError, match=r"TLS .* failed.*JETFLEET_NATS_TLS_CA"):
