@@ -60,6 +60,16 @@ def work_subject(capability_type: str, priority: int) -> str:
     return f"work.p{priority}.{capability_type}"
 
 
+def parse_work_subject(subject: str) -> tuple[str, int] | None:
+    """(capability type, priority) of a `work.p<priority>.<type>` subject, else None."""
+    parts = subject.split(".", 2)
+    if (len(parts) != 3 or parts[0] != "work" or len(parts[1]) != 2 or parts[1][0] != "p"
+            or not parts[1][1].isdigit()):
+        return None
+    prio = int(parts[1][1])
+    return (parts[2], prio) if prio in PRIORITIES else None
+
+
 def work_consumer(capability_type: str, priority: int) -> str:
     # Consumer names may not contain dots.
     return f"work-p{priority}-{capability_type.replace('.', '_')}"

@@ -86,6 +86,37 @@ async def test_p2_is_served_under_a_steady_stream_of_p0(bus, components, client)
     assert sum(1 for s in p0 if s.started_at and s.started_at < state.started_at) > 0
 
 
+async def test_an_idle_worker_takes_new_work_by_its_waiting_pull(bus, components, client,
+                                                                 procs, settings):
+    """An idle worker leaves pull requests waiting, so a new job comes straight
+    to it; a worker killed with -9 while its requests wait holds no job (the
+    server drops them with its connection): the next job goes to a live worker
+    at once, not after the work's ack wait."""
+    await components.dispatcher()
+    victim = procs.run("worker", "--no-kernels", "--worker-id", "w-doomed", name="doomed")
+    await eventually(lambda: _serves_echo(bus, "w-doomed"), what="the doomed worker's advert")
+    await asyncio.sleep(1.5)  # idle: its requests are waiting on the server
+    os.killpg(victim.pid, 9)
+    victim.wait(10)
+    w = await components.worker()
+    await eventually(lambda: w.intake.waiting_pulls >= len(topology.PRIORITIES),
+                     what="the live worker's requests waiting")
+    job = await client.submit("echo", {"x": 1})
+    state = await client.wait(job, timeout=settings.work_ack_wait_s / 2)
+    assert state.state == "succeeded" and state.worker_id == w.worker_id
+    assert state.attempt == 1
+    assert w.intake.lingered == 1  # it came by the waiting request, not a doorbell's pull
+    await eventually(lambda: w.intake.waiting_pulls >= len(topology.PRIORITIES),
+                     what="requests waiting again")
+
+
+async def _serves_echo(bus, worker_id: str) -> bool:
+    from bus.adverts import list_adverts
+
+    return any(a.worker_id == worker_id and any(c.get("type") == "echo" for c in a.capabilities)
+               for a in await list_adverts(bus))
+
+
 # ---- delegation ------------------------------------------------------------------------
 
 

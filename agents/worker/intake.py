@@ -19,6 +19,21 @@ job's priority), so a worker asks only where there is news, highest priority
 first; the poll every `poll_s` looks at every priority (retries and
 redeliveries ring no bell).
 
+Lingering pulls: an idle worker leaves one pull request of one message
+waiting on each (priority, capability) of work that leases nothing, while its
+cheap pool has plenty of room (each request holds a slot until it is answered
+or expires after `linger_s`). A job published while the worker is idle then
+comes straight to it, without the doorbell's round trip and a pull's. A
+backlog is still taken by no-wait pulls in priority order: lingering requests
+are only armed once every consumer was found empty, so at most one job per
+priority is taken in arrival order, as a doorbell would have had it. A
+lingering job that comes while the worker is stopping or waiting for a device
+goes straight back (nak). The price: a worker that freezes (or is cut off)
+while idle may be handed one job per waiting request before the requests
+expire; each comes back after `work_ack_wait_s`, like any job a frozen worker
+held. A worker killed outright holds none: the server drops a closed
+connection's requests with it.
+
 Priorities: p0, then p1, then p2. Against starvation, a lower priority whose
 oldest undelivered message has waited longer than `starvation_after_s` is
 looked at first, once per such check (at most one check per capability every
@@ -31,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -53,7 +69,8 @@ class Intake:
     def __init__(self, bus: Bus, specs: dict[str, CapabilitySpec],
                  process: Callable[[Delivery[WorkItem]], Awaitable[None]], *,
                  capacity: int, cheap_capacity: int, starvation_after_s: float, poll_s: float,
-                 held: Callable[[], bool], has_devices: bool = False) -> None:
+                 held: Callable[[], bool], has_devices: bool = False,
+                 linger_s: float = 5.0) -> None:
         self.bus = bus
         self.specs = specs
         self.process = process
@@ -78,6 +95,12 @@ class Intake:
         self._stopping = asyncio.Event()
         self._bg: set[asyncio.Task[Any]] = set()
         self._subs: list[Any] = []
+        # Lingering pulls: pair -> (pool its slot is held in, monotonic time armed).
+        self.linger_s = linger_s
+        self._pairs = sorted(self._all())
+        self._armed: dict[tuple[int, str], tuple[str, float]] = {}
+        self._linger_inbox = ""
+        self.lingered = 0  # jobs that came by a lingering pull
 
     # ---- doorbells --------------------------------------------------------------------
 
@@ -85,6 +108,12 @@ class Intake:
         for ctype in self.specs:
             self._subs.append(await self.bus.nc.subscribe(topology.work_doorbell(ctype),
                                                           cb=self._ring))
+        if self.linger_s > 0:
+            self._linger_inbox = self.bus.nc.new_inbox()
+            self._subs.append(await self.bus.nc.subscribe(f"{self._linger_inbox}.*",
+                                                          cb=self._on_linger))
+            # A restarted server has forgotten every waiting pull request.
+            self.bus.on_reconnect(self._forget_lingers)
 
     def _all(self, ctype: str | None = None) -> set[tuple[int, str]]:
         types = self.specs if ctype is None else [ctype]
@@ -218,10 +247,90 @@ class Intake:
             if took:
                 continue
             try:
+                await self._arm()
+            except Exception as exc:
+                log.warning("leaving pull requests waiting failed: %s", exc)
+            try:
                 await asyncio.wait_for(self._doorbell.wait(), self.poll_s)
             except TimeoutError:
                 # A redelivery or a delayed retry rings no bell: look everywhere.
                 self._pending |= self._all()
+
+    # ---- lingering pulls -------------------------------------------------------------------
+
+    @property
+    def waiting_pulls(self) -> int:
+        """Lingering pull requests now waiting on the server."""
+        return len(self._armed)
+
+    def _lingers(self, ctype: str) -> bool:
+        """Work that leases nothing, with room for a request on every priority and more."""
+        return (self._pool(ctype) == "cheap" and not self.specs[ctype].resources.any()
+                and self._room_for(ctype) > 2 * len(topology.PRIORITIES))
+
+    async def _arm(self) -> None:
+        """Leave a one-message pull waiting on each idle pair that has none."""
+        if not self._linger_inbox or self._stopping.is_set() or self.held():
+            return
+        t = time.monotonic()
+        for pair, (_pool, since) in list(self._armed.items()):
+            if t - since > self.linger_s + 5.0:
+                self._release(pair)  # never answered (a lost reply): give its slot back
+        for i, (prio, ctype) in enumerate(self._pairs):
+            if (prio, ctype) in self._armed or not self._lingers(ctype):
+                continue
+            pool = self._pool(ctype)
+            self.pool_used[pool] += 1
+            self.inflight[ctype] = self.inflight.get(ctype, 0) + 1
+            self._armed[(prio, ctype)] = (pool, t)
+            req = json.dumps({"batch": 1, "expires": int(self.linger_s * 1e9)}).encode()
+            try:
+                await self.bus.nc.publish(
+                    f"$JS.API.CONSUMER.MSG.NEXT.{topology.WORK}."
+                    f"{topology.work_consumer(ctype, prio)}", req,
+                    reply=f"{self._linger_inbox}.{i}")
+            except Exception:
+                self._release((prio, ctype))
+                raise
+
+    def _release(self, pair: tuple[int, str]) -> str | None:
+        got = self._armed.pop(pair, None)
+        if got is None:
+            return None
+        pool = got[0]
+        self.pool_used[pool] -= 1
+        self.inflight[pair[1]] -= 1
+        self._room.set()
+        return pool
+
+    async def _forget_lingers(self) -> None:
+        for pair in list(self._armed):
+            self._release(pair)
+
+    async def _on_linger(self, msg: Msg) -> None:
+        if msg.headers and "Status" in msg.headers and not msg.data:
+            # 408 expired, 409 (max waiting, consumer deleted, leadership
+            # change), 100 idle heartbeat: the request is over (or alive).
+            if msg.headers.get("Status") == "100":
+                return
+            token = msg.subject.rsplit(".", 1)[-1]
+            if token.isdigit() and int(token) < len(self._pairs):
+                self._release(self._pairs[int(token)])
+            return
+        parsed = topology.parse_work_subject(msg.subject)
+        if parsed is None:
+            return
+        ctype, prio = parsed
+        self._release((prio, ctype))
+        if ctype not in self.specs or self._stopping.is_set() or self.held():
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            return
+        self.lingered += 1
+        self._spawn(msg, ctype, prio)
+        # More may be waiting behind it: look (and re-arm) now.
+        self._pending.add((prio, ctype))
+        self._doorbell.set()
 
     # ---- handing over -------------------------------------------------------------------
 
