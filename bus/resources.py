@@ -215,12 +215,18 @@ class ResourceStore:
         return _decode(name, entry.value), entry.revision or 0
 
     async def _history(self, kv: KeyValue, name: str) -> list[ResourceVersion]:
-        try:
-            entries = await kv.history(name)
-        except NoKeysError:
-            return []
-        except nats.errors.Error as exc:
-            raise ResourceUnavailable(f"resource {name}: {exc!r}") from exc
+        # nats-py's history says NoKeysError both when the key has none and when
+        # its watcher heard nothing in time (a loaded server): only the first
+        # is true while the key has a latest entry, so then it asks again.
+        for attempt in range(3):
+            try:
+                entries = await kv.history(name)
+                break
+            except NoKeysError:
+                if attempt == 2 or await self._latest_entry(kv, name) is None:
+                    return []
+            except nats.errors.Error as exc:
+                raise ResourceUnavailable(f"resource {name}: {exc!r}") from exc
         out = []
         for e in entries:
             if e.value:
