@@ -23,7 +23,10 @@ Lingering pulls: an idle worker leaves one pull request of one message
 waiting on each (priority, capability) of work that leases nothing, while its
 cheap pool has plenty of room (each request holds a slot until it is answered
 or expires after `linger_s`). A job published while the worker is idle then
-comes straight to it, without the doorbell's round trip and a pull's. A
+comes straight to it, without the doorbell's round trip and a pull's; a
+doorbell for a pair with a request waiting is left to that request, and a
+job that comes with nothing behind it (its consumer's pending count) re-arms
+the request at once instead of looking with a pull. A
 backlog is still taken by no-wait pulls in priority order: lingering requests
 are only armed once every consumer was found empty, so at most one job per
 priority is taken in arrival order, as a doorbell would have had it. A
@@ -128,6 +131,10 @@ class Intake:
             return
         prio = topology.doorbell_priority(msg.data)
         pairs = self._all(ctype) if prio is None else {(prio, ctype)}
+        # A pair with a pull request waiting gets its job through it: no need to look.
+        pairs -= self._armed.keys()
+        if not pairs:
+            return
         for pair in pairs:
             self._rings[pair] = self._rings.get(pair, 0) + 1
         self._pending |= pairs
@@ -276,22 +283,26 @@ class Intake:
         for pair, (_pool, since) in list(self._armed.items()):
             if t - since > self.linger_s + 5.0:
                 self._release(pair)  # never answered (a lost reply): give its slot back
-        for i, (prio, ctype) in enumerate(self._pairs):
-            if (prio, ctype) in self._armed or not self._lingers(ctype):
-                continue
-            pool = self._pool(ctype)
-            self.pool_used[pool] += 1
-            self.inflight[ctype] = self.inflight.get(ctype, 0) + 1
-            self._armed[(prio, ctype)] = (pool, t)
-            req = json.dumps({"batch": 1, "expires": int(self.linger_s * 1e9)}).encode()
-            try:
-                await self.bus.nc.publish(
-                    f"$JS.API.CONSUMER.MSG.NEXT.{topology.WORK}."
-                    f"{topology.work_consumer(ctype, prio)}", req,
-                    reply=f"{self._linger_inbox}.{i}")
-            except Exception:
-                self._release((prio, ctype))
-                raise
+        for i in range(len(self._pairs)):
+            await self._arm_one(i, t)
+
+    async def _arm_one(self, i: int, t: float) -> None:
+        prio, ctype = self._pairs[i]
+        if (prio, ctype) in self._armed or not self._lingers(ctype):
+            return
+        pool = self._pool(ctype)
+        self.pool_used[pool] += 1
+        self.inflight[ctype] = self.inflight.get(ctype, 0) + 1
+        self._armed[(prio, ctype)] = (pool, t)
+        req = json.dumps({"batch": 1, "expires": int(self.linger_s * 1e9)}).encode()
+        try:
+            await self.bus.nc.publish(
+                f"$JS.API.CONSUMER.MSG.NEXT.{topology.WORK}."
+                f"{topology.work_consumer(ctype, prio)}", req,
+                reply=f"{self._linger_inbox}.{i}")
+        except Exception:
+            self._release((prio, ctype))
+            raise
 
     def _release(self, pair: tuple[int, str]) -> str | None:
         got = self._armed.pop(pair, None)
@@ -315,7 +326,11 @@ class Intake:
                 return
             token = msg.subject.rsplit(".", 1)[-1]
             if token.isdigit() and int(token) < len(self._pairs):
-                self._release(self._pairs[int(token)])
+                pair = self._pairs[int(token)]
+                if self._release(pair) is not None:
+                    # A doorbell that came while it waited was left to it: look now.
+                    self._pending.add(pair)
+                    self._doorbell.set()
             return
         parsed = topology.parse_work_subject(msg.subject)
         if parsed is None:
@@ -328,9 +343,18 @@ class Intake:
             return
         self.lingered += 1
         self._spawn(msg, ctype, prio)
-        # More may be waiting behind it: look (and re-arm) now.
-        self._pending.add((prio, ctype))
-        self._doorbell.set()
+        try:
+            behind = msg.metadata.num_pending
+        except Exception:
+            behind = 1
+        if behind:
+            # A backlog is building: take it in batches, in priority order.
+            self._pending.add((prio, ctype))
+            self._doorbell.set()
+        elif not self.held():
+            # Nothing behind it: wait for the next one the same way, at once.
+            with contextlib.suppress(Exception):
+                await self._arm_one(self._pairs.index((prio, ctype)), time.monotonic())
 
     # ---- handing over -------------------------------------------------------------------
 
