@@ -102,6 +102,27 @@ async def test_followers_resume_at_once_after_a_restart(bus, client, components,
             await asyncio.wait_for(mon_task, 15)
 
 
+async def test_an_idle_workers_waiting_pulls_are_made_again_after_a_restart(
+        bus, client, components, nats_server) -> None:
+    """A restarted server has forgotten the pull requests an idle worker left
+    waiting: the worker gives their slots back on reconnect and leaves new ones,
+    so the next job still comes straight to it."""
+    await components.dispatcher()
+    w = await components.worker()
+    await eventually(lambda: w.intake.waiting_pulls >= len(topology.PRIORITIES),
+                     what="requests waiting")
+    used = dict(w.intake.pool_used)
+    await asyncio.to_thread(restart, nats_server, "SIGKILL")
+    await eventually(lambda: w.intake.forgotten == 1, timeout=30, what="the reconnect")
+    await eventually(lambda: w.intake.waiting_pulls >= len(topology.PRIORITIES),
+                     what="requests made again")
+    assert w.intake.pool_used == used  # every slot the old requests held was given back
+    before = w.intake.lingered
+    job = await client.submit("echo", {"after": "restart"})
+    assert (await client.wait(job, timeout=30)).state == "succeeded"
+    assert w.intake.lingered == before + 1  # it came by a request made after the restart
+
+
 async def test_the_monitor_rewatches_after_a_reconnect_it_did_not_see(bus, nats_server) -> None:
     """A reconnect shorter than the monitor's tick (in a cluster, failing over to
     another server takes milliseconds) leaves its loop nothing to notice: its KV

@@ -104,6 +104,7 @@ class Intake:
         self._armed: dict[tuple[int, str], tuple[str, float]] = {}
         self._linger_inbox = ""
         self.lingered = 0  # jobs that came by a lingering pull
+        self.forgotten = 0  # reconnects that made the server forget the waiting requests
 
     # ---- doorbells --------------------------------------------------------------------
 
@@ -315,8 +316,12 @@ class Intake:
         return pool
 
     async def _forget_lingers(self) -> None:
+        self.forgotten += 1
         for pair in list(self._armed):
             self._release(pair)
+        # Doorbells left to those requests may have rung meanwhile: look everywhere.
+        self._pending |= self._all()
+        self._doorbell.set()
 
     async def _on_linger(self, msg: Msg) -> None:
         if msg.headers and "Status" in msg.headers and not msg.data:
