@@ -187,15 +187,18 @@ class DataLink:
             rest = self._end - self._start
             self._buf[:rest] = self._buf[self._start:self._end]
             self._start, self._end = 0, rest
+        self._end += self._recv_into(self._view[self._end:])
+
+    def _recv_into(self, view: memoryview) -> int:
         try:
-            n = self.sock.recv_into(self._view[self._end:])
+            n = self.sock.recv_into(view)
         except TimeoutError:
             raise LinkStalled("no data from the server") from None
         except OSError as exc:
             raise LinkError(f"reading failed: {exc}") from None
         if n == 0:
             raise LinkError("the server closed the connection")
-        self._end += n
+        return n
 
     def _line(self) -> bytes:
         while True:
@@ -216,15 +219,7 @@ class DataLink:
             self._start += have
         pos = have
         while pos < want:
-            try:
-                n = self.sock.recv_into(dest[pos:])
-            except TimeoutError:
-                raise LinkStalled("no data from the server") from None
-            except OSError as exc:
-                raise LinkError(f"reading failed: {exc}") from None
-            if n == 0:
-                raise LinkError("the server closed the connection")
-            pos += n
+            pos += self._recv_into(dest[pos:])
 
     def read_bytes(self, n: int) -> bytes:
         out = bytearray(n)

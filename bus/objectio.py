@@ -119,43 +119,67 @@ def digest_bytes(text: str) -> bytes | None:
 # ---- put -------------------------------------------------------------------------------------
 
 
-class AckWindow:
-    """Chunks published and not yet acked by the stream: at most `msgs` and
-    `nbytes` of them; the first failed ack is kept and raised at the next step."""
+def ack_error(what: str, status: str, body: bytes) -> ObjectError | None:
+    """What a chunk's publish ack says went wrong (None: it was stored)."""
+    if status == "503":
+        return ObjectStoreUnavailable(what, "no stream takes its chunks "
+                                            "(is the topology applied?)")
+    if status:
+        return ObjectStoreUnavailable(what, f"the server answered {status}")
+    try:
+        ack = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return ObjectStoreUnavailable(what, f"unreadable publish ack {body[:80]!r}")
+    if isinstance(ack, dict) and "error" in ack:
+        err = ack["error"] or {}
+        return ObjectStoreUnavailable(
+            what, f"the server refused a chunk: {err.get('description', err)}")
+    return None
 
-    def __init__(self, what: str, msgs: int, nbytes: int, stall_s: float) -> None:
+
+class _Window:
+    """Chunks published and not yet acked: at most `msgs` and `nbytes` of them
+    (one chunk is always allowed, whatever its size)."""
+
+    def __init__(self, what: str, msgs: int, nbytes: int) -> None:
         self.what = what
         self.msgs = msgs
         self.nbytes = nbytes
-        self.stall_s = stall_s
         self.inflight: dict[str, int] = {}
         self.bytes = 0
+
+    def full(self, size: int) -> bool:
+        return bool(self.inflight) and (len(self.inflight) >= self.msgs
+                                        or self.bytes + size > self.nbytes)
+
+    def add(self, token: str, size: int) -> None:
+        self.inflight[token] = size
+        self.bytes += size
+
+    def landed(self, token: str) -> bool:
+        size = self.inflight.pop(token, None)
+        if size is None:
+            return False
+        self.bytes -= size
+        return True
+
+
+class AckWindow(_Window):
+    """The window of a put on the bus connection; the first failed ack is kept
+    and raised at the next step."""
+
+    def __init__(self, what: str, msgs: int, nbytes: int, stall_s: float) -> None:
+        super().__init__(what, msgs, nbytes)
+        self.stall_s = stall_s
         self.error: ObjectError | None = None
         self.changed = asyncio.Event()
 
     async def on_ack(self, msg: Msg) -> None:
-        token = msg.subject.rsplit(".", 1)[-1]
-        size = self.inflight.pop(token, None)
-        if size is None:
+        if not self.landed(msg.subject.rsplit(".", 1)[-1]):
             return
-        self.bytes -= size
         self.changed.set()
-        if self.error is not None:
-            return
-        status = (msg.headers or {}).get("Status")
-        if status == "503":
-            self.error = ObjectStoreUnavailable(
-                self.what, "no stream takes its chunks (is the topology applied?)")
-            return
-        try:
-            ack = msgspec.json.decode(msg.data)
-        except msgspec.DecodeError:
-            self.error = ObjectStoreUnavailable(self.what, f"unreadable publish ack {msg.data[:80]!r}")
-            return
-        if isinstance(ack, dict) and "error" in ack:
-            err = ack["error"] or {}
-            self.error = ObjectStoreUnavailable(
-                self.what, f"the server refused a chunk: {err.get('description', err)}")
+        if self.error is None:
+            self.error = ack_error(self.what, (msg.headers or {}).get("Status") or "", msg.data)
 
     async def _wait(self, done: Any) -> None:
         while not done():
@@ -171,10 +195,8 @@ class AckWindow:
             raise self.error
 
     async def reserve(self, token: str, size: int) -> None:
-        await self._wait(lambda: not self.inflight or (
-            len(self.inflight) < self.msgs and self.bytes + size <= self.nbytes))
-        self.inflight[token] = size
-        self.bytes += size
+        await self._wait(lambda: not self.full(size))
+        self.add(token, size)
 
     async def drain(self) -> None:
         await self._wait(lambda: not self.inflight)
@@ -185,6 +207,12 @@ class AckWindow:
         with contextlib.suppress(Exception):
             self.error = None
             await self._wait(lambda: not self.inflight)
+
+
+def _within_limit(what: str, size: int, limit: int) -> None:
+    if size > limit:
+        raise ObjectTooLarge(what, f"more than the limit of {limit} bytes "
+                                   "(JETFLEET_MAX_OBJECT_BYTES)")
 
 
 async def publish_chunks(nc: NATS, subject: str, chunks: AsyncIterator[bytes | memoryview], *,
@@ -204,9 +232,7 @@ async def publish_chunks(nc: NATS, subject: str, chunks: AsyncIterator[bytes | m
             n = len(chunk)
             if n == 0:
                 continue
-            if size + n > limit:
-                raise ObjectTooLarge(what, f"more than the limit of {limit} bytes "
-                                           "(JETFLEET_MAX_OBJECT_BYTES)")
+            _within_limit(what, size + n, limit)
             token = str(count)
             await acks.reserve(token, n)
             if first is None:
@@ -312,7 +338,7 @@ async def read_chunks(nc: NATS, direct_subject: str, subject: str, meta: ObjectM
         sub = await nc.subscribe(inbox, pending_bytes_limit=4 * batch_bytes + (64 << 20))
         loop = asyncio.get_running_loop()
         seq = 1
-        settle_until: float | None = None
+        settling = _Settling(what, settle_s)
         try:
             while got < meta.size:
                 remaining = max(1, meta.chunks - chunks) if meta.chunks else 1024
@@ -341,22 +367,36 @@ async def read_chunks(nc: NATS, direct_subject: str, subject: str, meta: ObjectM
                     if got == meta.size:
                         break
                 if got == meta.size or got > before:
-                    settle_until = None
+                    settling.until = None
                     continue
                 # A batch that brought nothing: the chunks are gone, or a replica lags.
-                now = loop.time()
-                if settle_until is None:
-                    settle_until = now + settle_s
-                if now >= settle_until:
-                    raise ObjectTruncated(what, f"only {chunks} of {meta.chunks} chunks "
-                                                f"({got} of {meta.size} bytes) are on the server")
-                await asyncio.sleep(min(0.1, settle_s))
+                await asyncio.sleep(settling.nothing(loop.time(), meta, chunks, got))
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
     if h.digest() != want:
         raise ObjectCorrupt(what, f"digest mismatch: read {digest_text(h)}, "
                                   f"its meta says {meta.digest}")
+
+
+class _Settling:
+    """How long a read waits for chunks that are not there (a replica that
+    lags its leader) before it calls them missing."""
+
+    def __init__(self, what: str, settle_s: float) -> None:
+        self.what = what
+        self.settle_s = settle_s
+        self.until: float | None = None
+
+    def nothing(self, now: float, meta: ObjectMeta, chunks: int, got: int) -> float:
+        """A look that brought nothing: how long to wait before the next, or
+        ObjectTruncated once settle_s has passed."""
+        if self.until is None:
+            self.until = now + self.settle_s
+        if now >= self.until:
+            raise ObjectTruncated(self.what, f"only {chunks} of {meta.chunks} chunks "
+                                             f"({got} of {meta.size} bytes) are on the server")
+        return min(0.1, self.settle_s)
 
 
 async def _next(sub: Any, what: str, stall_s: float) -> Msg:
@@ -387,7 +427,7 @@ def link_read(link: DataLink, inbox: str, direct_subject: str, subject: str, met
     link.subscribe(inbox)
     got = chunks = 0
     seq = 1
-    settle_until: float | None = None
+    settling = _Settling(what, settle_s)
     asked = 0          # batches asked for whose end-of-batch has not come
     left = 0           # chunks the newest batch may still bring
     mark = 0           # bytes got when the newest batch was asked for
@@ -418,15 +458,9 @@ def link_read(link: DataLink, inbox: str, direct_subject: str, subject: str, met
             # Nothing asked for and the object is not whole: a chunk is missing
             # (gone, or a replica lags the leader: wait up to settle_s for it).
             if got > mark:
-                settle_until = None
+                settling.until = None
             else:
-                now = time.monotonic()
-                if settle_until is None:
-                    settle_until = now + settle_s
-                if now >= settle_until:
-                    raise ObjectTruncated(what, f"only {chunks} of {meta.chunks} chunks "
-                                                f"({got} of {meta.size} bytes) are on the server")
-                time.sleep(min(0.1, settle_s))
+                time.sleep(settling.nothing(time.monotonic(), meta, chunks, got))
             ask(seq)
             continue
         if got + frame.size > meta.size:
@@ -445,17 +479,13 @@ def link_read(link: DataLink, inbox: str, direct_subject: str, subject: str, met
     return chunks
 
 
-class _LinkAcks:
-    """AckWindow for a data link: the acks are read in a thread of their own
-    while the sender's thread publishes."""
+class _LinkAcks(_Window):
+    """The window of a put on a data link: the acks are read in a thread of
+    their own while the sender's thread publishes."""
 
     def __init__(self, link: DataLink, what: str, msgs: int, nbytes: int) -> None:
+        super().__init__(what, msgs, nbytes)
         self.link = link
-        self.what = what
-        self.msgs = msgs
-        self.nbytes = nbytes
-        self.inflight: dict[str, int] = {}
-        self.bytes = 0
         self.error: BaseException | None = None
         self.sent_all = False
         self.cond = threading.Condition()
@@ -488,41 +518,22 @@ class _LinkAcks:
             self.cond.notify_all()
 
     def _ack(self, token: str, status: str, body: bytes) -> None:
-        error: ObjectError | None = None
-        if status == "503":
-            error = ObjectStoreUnavailable(self.what, "no stream takes its chunks "
-                                                      "(is the topology applied?)")
-        elif status:
-            error = ObjectStoreUnavailable(self.what, f"the server answered {status}")
-        else:
-            try:
-                ack = msgspec.json.decode(body)
-            except msgspec.DecodeError:
-                ack = None
-                error = ObjectStoreUnavailable(self.what, f"unreadable publish ack {body[:80]!r}")
-            if isinstance(ack, dict) and "error" in ack:
-                err = ack["error"] or {}
-                error = ObjectStoreUnavailable(
-                    self.what, f"the server refused a chunk: {err.get('description', err)}")
+        error = ack_error(self.what, status, body)
         with self.cond:
-            size = self.inflight.pop(token, None)
-            if size is not None:
-                self.bytes -= size
+            self.landed(token)
             if error is not None and self.error is None:
                 self.error = error
             self.cond.notify_all()
 
     def reserve(self, token: str, size: int) -> None:
         with self.cond:
-            while self.inflight and (len(self.inflight) >= self.msgs
-                                     or self.bytes + size > self.nbytes):
+            while self.full(size):
                 if self.error is not None:
                     raise self.error
                 self.cond.wait()
             if self.error is not None:
                 raise self.error
-            self.inflight[token] = size
-            self.bytes += size
+            self.add(token, size)
 
     def finish(self) -> None:
         with self.cond:
@@ -555,9 +566,7 @@ def link_publish(link: DataLink, inbox: str, subject: str, pieces: Iterable[byte
             n = memoryview(piece).nbytes
             if n == 0:
                 continue
-            if size + n > limit:
-                raise ObjectTooLarge(what, f"more than the limit of {limit} bytes "
-                                           "(JETFLEET_MAX_OBJECT_BYTES)")
+            _within_limit(what, size + n, limit)
             token = str(count)
             acks.reserve(token, n)
             if first is None:
@@ -567,9 +576,7 @@ def link_publish(link: DataLink, inbox: str, subject: str, pieces: Iterable[byte
             size += n
             count += 1
         acks.finish()
-    except LinkError as exc:
-        raise ObjectStoreUnavailable(what, f"publishing chunks failed: {exc}") from None
-    except OSError as exc:
+    except (LinkError, OSError) as exc:
         raise ObjectStoreUnavailable(what, f"publishing chunks failed: {exc}") from None
     finally:
         link.close()
