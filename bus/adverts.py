@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import time
 
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError
 
-from bus import codec, topology
+from bus import codec, kvread, topology
 from bus.connection import Bus
 from schemas.fleet import CapabilityAdvert, serves
 
@@ -16,10 +16,7 @@ from schemas.fleet import CapabilityAdvert, serves
 async def list_adverts(bus: Bus) -> list[CapabilityAdvert]:
     """Every live worker's advert (expired ones are gone from the bucket)."""
     kv = await bus.kv(topology.KV_CAPABILITIES)
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return []
+    keys = await kvread.keys(kv)
     out: list[CapabilityAdvert] = []
     for key in keys:
         with contextlib.suppress(KeyNotFoundError):

@@ -32,11 +32,10 @@ from nats.js.errors import (
     KeyDeletedError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NoKeysError,
 )
 from nats.js.kv import KeyValue
 
-from bus import codec, topology
+from bus import codec, kvread, topology
 from bus.connection import Bus
 from schemas.common import now
 from schemas.fleet import LeaseRecord
@@ -202,10 +201,7 @@ class LeaseTable:
     async def holders(self) -> dict[str, LeaseRecord]:
         kv = await self._kv()
         out: dict[str, LeaseRecord] = {}
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            return out
+        keys = await kvread.keys(kv)
         for key in keys:
             with contextlib.suppress(KeyNotFoundError, codec.DecodeError):
                 entry = await kv.get(key)

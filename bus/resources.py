@@ -28,10 +28,10 @@ from typing import Any
 
 import msgspec
 import nats.errors
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from bus import topology
+from bus import kvread, topology
 from bus.connection import Bus
 from bus.objectio import ObjectError, Source
 from bus.objects import ObjectStore
@@ -215,18 +215,10 @@ class ResourceStore:
         return _decode(name, entry.value), entry.revision or 0
 
     async def _history(self, kv: KeyValue, name: str) -> list[ResourceVersion]:
-        # nats-py's history says NoKeysError both when the key has none and when
-        # its watcher heard nothing in time (a loaded server): only the first
-        # is true while the key has a latest entry, so then it asks again.
-        for attempt in range(3):
-            try:
-                entries = await kv.history(name)
-                break
-            except NoKeysError:
-                if attempt == 2 or await self._latest_entry(kv, name) is None:
-                    return []
-            except nats.errors.Error as exc:
-                raise ResourceUnavailable(f"resource {name}: {exc!r}") from exc
+        try:
+            entries = await kvread.history(kv, name)
+        except nats.errors.Error as exc:
+            raise ResourceUnavailable(f"resource {name}: {exc!r}") from exc
         out = []
         for e in entries:
             if e.value:
@@ -359,9 +351,7 @@ class ResourceStore:
         """The latest version of every resource, by name."""
         kv = await self._kv()
         try:
-            keys = await kv.keys()
-        except NoKeysError:
-            return []
+            keys = await kvread.keys(kv)
         except nats.errors.Error as exc:
             raise ResourceUnavailable(f"listing resources: {exc!r}") from exc
         out = []

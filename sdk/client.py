@@ -6,9 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from nats.js.errors import NoKeysError
-
-from bus import codec, topology
+from bus import codec, kvread, topology
 from bus.adverts import list_adverts
 from bus.connection import Bus, connect
 from bus.consumer import Follower
@@ -229,10 +227,7 @@ class Client:
 
     async def list_jobs(self, limit: int = 100) -> list[JobState]:
         kv = await self.jobs.kv()
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            return []
+        keys = await kvread.keys(kv)
         states = []
         for key in keys:
             got = await self.jobs.get(key)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from opentelemetry.trace import SpanKind
 
-from bus import codec, topology, tracing
+from bus import codec, kvread, topology, tracing
 from bus.adverts import AdvertBook
 from bus.connection import Bus
 from bus.consumer import ConsumerLoop, DeadLetterReaper, Delivery, Reject, Retry
@@ -226,9 +226,9 @@ class Dispatcher:
         """After a restart, pick up jobs an earlier dispatcher was watching."""
         kv = await self.jobs.kv()
         try:
-            keys = await kv.keys()
+            keys = await kvread.keys(kv)
         except Exception:
-            return  # an empty bucket (NoKeysError), or none yet
+            return  # no bucket yet, or the server away: the watch starts empty
         for key in keys:
             try:  # one unreadable record must not hide the others
                 got = await self.jobs.get(key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -80,3 +81,29 @@ async def test_a_message_that_exhausts_its_deliveries_is_dead_lettered(bus, comp
 def test_job_state_round_trips_through_the_codec():
     s = JobState(job_id="a", state="queued", capability={"type": "echo"})
     assert codec.decode(codec.encode(s), JobState) == s
+
+
+async def test_bucket_keys_and_history_answer_empty_only_when_empty(bus):
+    """kvread: the keys of a bucket and a key's history, [] exactly when there
+    is nothing (an empty bucket, keys all deleted, a key never written), never a
+    NoKeysError; many readers at once while writers write all see every key."""
+    from nats.js.api import KeyValueConfig
+
+    from bus import kvread
+
+    kv = await bus.js.create_key_value(KeyValueConfig(bucket="kvread-test", history=5))
+    assert await kvread.keys(kv) == []
+    assert await kvread.history(kv, "nothing") == []
+    for i in range(3):
+        await kv.put("a", str(i).encode())
+    await kv.put("b", b"x")
+    assert sorted(await kvread.keys(kv)) == ["a", "b"]
+    assert [e.value for e in await kvread.history(kv, "a")] == [b"0", b"1", b"2"]
+    seen = await asyncio.gather(*(kvread.keys(kv) for _ in range(20)),
+                                *(kv.put(f"k{i}", b"v") for i in range(20)))
+    for got in seen[:20]:
+        assert {"a", "b"} <= set(got)
+    assert len(await kvread.keys(kv)) == 22
+    for key in await kvread.keys(kv):
+        await kv.delete(key)
+    assert await kvread.keys(kv) == []  # only tombstones left: empty, after a check

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from agents.worker import App, JobContext
-from bus import codec, topology
+from bus import codec, kvread, topology
 from bus.codec import DecodeError
 from schemas.jobs import JobState, JobSubmission
 from tests.helpers import eventually, job_events, state_is
@@ -39,7 +39,7 @@ async def test_raw_json_echo_end_to_end(bus, components):
     running = next(e for e in events if e["kind"] == "running")
     # All events of the attempt carry its number and the advertised worker id.
     assert succeeded[0]["attempt"] == running["attempt"] == 1
-    adverts = await (await bus.kv(topology.KV_CAPABILITIES)).keys()
+    adverts = await kvread.keys(await bus.kv(topology.KV_CAPABILITIES))
     assert succeeded[0]["worker_id"] in adverts
     for e in events:
         assert {"kind", "job_id", "ts"} <= e.keys() and e["job_id"] == "j1"
