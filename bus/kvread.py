@@ -1,7 +1,7 @@
 """Reading a whole KV bucket (its keys) or a key's history, without nats-py's
 false "nothing there".
 
-nats-py's `keys()` and `history()` run a watcher that decides the initial
+nats-py's `keys()` and `history()` (and any watch of a bucket) run a watcher that decides the initial
 values are all in once the consumer's pending count reads 0; that count can
 read 0 after the server delivered the first entries and before the watcher
 took them, and the watcher then ends empty: NoKeysError for a bucket that has
@@ -12,8 +12,11 @@ holds nothing for it, or after three tries.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
+import nats.errors
 from nats.js.errors import NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
 
@@ -57,3 +60,43 @@ async def history(kv: KeyValue, key: str) -> list[Any]:
             if attempt == TRIES - 1 or not await _holds_any(kv, key):
                 return []
     return []
+
+
+async def latest(kv: KeyValue, deadline_s: float | None = None,
+                 idle_s: float = 5.0) -> dict[str, bytes]:
+    """The latest value of every live key, in one watch of the bucket (not a
+    read per key). A watch ends when the watcher says the initial values are
+    in, when none came for `idle_s`, or after `deadline_s` in all."""
+    for attempt in range(TRIES):
+        out = await _watch_once(kv, deadline_s, idle_s)
+        if out or attempt == TRIES - 1 or not await _holds_any(kv, None):
+            return out
+    return {}
+
+
+async def _watch_once(kv: KeyValue, deadline_s: float | None,
+                      idle_s: float) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    watcher = await kv.watchall(ignore_deletes=True)
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = None if deadline_s is None else loop.time() + deadline_s
+        while True:
+            wait = idle_s if deadline is None else min(idle_s, deadline - loop.time())
+            try:
+                entry = await watcher.updates(  # type: ignore[no-untyped-call]
+                    timeout=max(0.1, wait))
+            except (TimeoutError, nats.errors.TimeoutError):
+                break
+            if entry is None:
+                break
+            if entry.value:
+                out[entry.key] = entry.value
+            else:
+                out.pop(entry.key, None)
+            if deadline is not None and loop.time() >= deadline:
+                break
+    finally:
+        with contextlib.suppress(Exception):
+            await watcher.stop()  # type: ignore[no-untyped-call]
+    return out

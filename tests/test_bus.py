@@ -84,7 +84,8 @@ def test_job_state_round_trips_through_the_codec():
 
 
 async def test_bucket_keys_and_history_answer_empty_only_when_empty(bus):
-    """kvread: the keys of a bucket and a key's history, [] exactly when there
+    """kvread: the keys of a bucket, their latest values and a key's history,
+    empty exactly when there
     is nothing (an empty bucket, keys all deleted, a key never written), never a
     NoKeysError; many readers at once while writers write all see every key."""
     from nats.js.api import KeyValueConfig
@@ -104,6 +105,10 @@ async def test_bucket_keys_and_history_answer_empty_only_when_empty(bus):
     for got in seen[:20]:
         assert {"a", "b"} <= set(got)
     assert len(await kvread.keys(kv)) == 22
+    latest = await kvread.latest(kv)
+    assert latest["a"] == b"2" and latest["b"] == b"x" and len(latest) == 22
+    assert len(await kvread.latest(kv, deadline_s=5.0)) == 22
     for key in await kvread.keys(kv):
         await kv.delete(key)
     assert await kvread.keys(kv) == []  # only tombstones left: empty, after a check
+    assert await kvread.latest(kv) == {}

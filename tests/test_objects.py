@@ -483,13 +483,14 @@ async def test_a_large_object_moves_over_a_data_link_that_nats_py_agrees_with(bu
 
 async def test_a_server_frozen_mid_transfer_is_an_error_on_the_link_and_cancel_ends_it(
         bus, nats_server):
-    """SIGSTOP the server once a get's data link is open: the get fails with
+    """SIGSTOP the server once a get's data link is open (64 MiB: far more than
+    can move before the signal lands): the get fails with
     ObjectStoreUnavailable after stall_s, not later and not never; a cancelled
     transfer closes its link, so its thread ends at once."""
     import signal
     import threading
 
-    ref = await ObjectStore(bus).put(blob(1 << 20, seed=52), name="frozen/one")
+    ref = await ObjectStore(bus).put(blob(64 << 20, seed=52), name="frozen/one")
     store = ObjectStore(bus, stall_s=1.5, link_min_bytes=0)
 
     async def frozen_while(run):
@@ -523,7 +524,7 @@ async def test_a_server_frozen_mid_transfer_is_an_error_on_the_link_and_cancel_e
         os.kill(nats_server.proc.pid, signal.SIGCONT)
     await eventually(lambda: _no_link_threads(threading), what="link thread ended")
     # The server and the bus are fine afterwards.
-    assert await store.get(ref) == blob(1 << 20, seed=52)
+    assert await store.get(ref) == blob(64 << 20, seed=52)
 
 
 async def test_where_no_data_link_can_be_opened_the_bus_connection_carries_it(tmp_path):

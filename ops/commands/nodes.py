@@ -21,38 +21,22 @@ def register(sub: Any, common: list[argparse.ArgumentParser]) -> None:
     sp.set_defaults(fn=cmd_nodes)
 
 
-async def _latest(kv: Any) -> dict[str, bytes]:
-    """The latest value of every key in one pass (a watch, not a read per key)."""
-    out: dict[str, bytes] = {}
-    watcher = await kv.watchall(ignore_deletes=True)
-    try:
-        async for entry in watcher:
-            if entry is None:
-                break
-            if entry.value:
-                out[entry.key] = entry.value
-    finally:
-        with contextlib.suppress(Exception):
-            await watcher.stop()
-    return out
-
-
 async def gather_nodes(client: Any) -> list[dict[str, Any]]:
-    from bus import codec, topology
+    from bus import codec, kvread, topology
     from schemas.telemetry import Heartbeat, NodeInventory, NodeStatus
     from services.monitor.jobindex import JobView
 
     bus = client.bus
     inventories: dict[str, NodeInventory] = {}
-    for key, raw in (await _latest(await bus.kv(topology.KV_NODES))).items():
+    for key, raw in (await kvread.latest(await bus.kv(topology.KV_NODES))).items():
         with contextlib.suppress(codec.DecodeError):
             inventories[key] = codec.decode(raw, NodeInventory)
     states: dict[str, NodeStatus] = {}
-    for key, raw in (await _latest(await bus.kv(topology.KV_NODE_STATES))).items():
+    for key, raw in (await kvread.latest(await bus.kv(topology.KV_NODE_STATES))).items():
         with contextlib.suppress(codec.DecodeError):
             states[key] = codec.decode(raw, NodeStatus)
     running: dict[str, list[str]] = {}
-    for raw in (await _latest(await bus.kv(topology.KV_JOBS))).values():
+    for raw in (await kvread.latest(await bus.kv(topology.KV_JOBS))).values():
         with contextlib.suppress(codec.DecodeError):
             view = codec.decode(raw, JobView)
             if view.state in ("running", "lost") and view.node:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from bus import topology
+from bus import kvread, topology
 from bus.connection import Bus
 from schemas.fleet import CapabilityAdvert, LeaseRecord
 from schemas.telemetry import NodeInventory
@@ -27,24 +27,11 @@ T = TypeVar("T")
 
 
 async def snapshot(bus: Bus, bucket: str, type_: type[T], timeout: float = 5.0) -> list[T]:
-    kv = await bus.kv(bucket)
-    watcher = await kv.watchall(ignore_deletes=True)
     decoder = msgspec.json.Decoder(type_)
     out: list[T] = []
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            entry = await watcher.updates(  # type: ignore[no-untyped-call]
-                timeout=max(0.1, deadline - loop.time()))
-            if entry is None:
-                break
-            if entry.value:
-                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                    out.append(decoder.decode(entry.value))
-    finally:
-        with contextlib.suppress(Exception):
-            await watcher.stop()  # type: ignore[no-untyped-call]
+    for value in (await kvread.latest(await bus.kv(bucket), deadline_s=timeout)).values():
+        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+            out.append(decoder.decode(value))
     return out
 
 
