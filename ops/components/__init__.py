@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import logging
 import os
@@ -67,11 +68,35 @@ def run(args: argparse.Namespace) -> int:
                         format=f"%(asctime)s {args.component}[%(process)d] %(levelname)s "
                                "%(message)s", stream=sys.stderr)
     tracing.setup(f"jetfleet-{args.component}")
+    tune_gc()
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(_main(args))
     finally:
         tracing.shutdown()
+
+
+# Young-generation threshold for a component process. CPython's default (700
+# allocations) runs a collection every few hundred objects; a component that
+# moves thousands of jobs a second allocates that many per job, and its
+# collections were measured at about 12% of the whole fleet's CPU per job
+# (`jetfleet bench dispatch`, flat out: 846 -> 750 us of CPU per job over all
+# processes). Cycles are still collected, just in larger, rarer passes.
+GC_GEN0 = 20_000
+
+
+def tune_gc() -> None:
+    """Fewer, larger garbage collections (JETFLEET_GC_GEN0 overrides the
+    threshold; 0 keeps CPython's defaults)."""
+    raw = os.environ.get("JETFLEET_GC_GEN0", "")
+    try:
+        gen0 = int(raw) if raw else GC_GEN0
+    except ValueError:
+        logging.getLogger(__name__).warning(
+            "JETFLEET_GC_GEN0=%r is not a whole number; using %d", raw, GC_GEN0)
+        gen0 = GC_GEN0
+    if gen0 > 0:
+        gc.set_threshold(gen0, 50, 100)
 
 
 def _loop_factory() -> Any:
