@@ -101,22 +101,37 @@ class Delivery(Generic[T]):
         A timer, not a task: most bodies end before the first beat, and a
         timer costs next to nothing to set and cancel.
         """
-        loop = asyncio.get_running_loop()
-        handle: asyncio.TimerHandle | None = None
-
-        def beat() -> None:
-            nonlocal handle
-            if self.settled:
-                return
-            task = loop.create_task(self.msg.in_progress())
-            task.add_done_callback(_ignore_result)
-            handle = loop.call_later(interval, beat)
-
-        handle = loop.call_later(interval, beat)
+        beat = _Beat(self, interval)
         try:
             yield
         finally:
-            handle.cancel()
+            beat.cancel()
+
+
+class _Beat:
+    """The keepalive's timer. An object rather than a closure that re-arms
+    itself: such a closure refers to itself through its own cell, and every
+    delivery would then leave a reference cycle for the garbage collector."""
+
+    __slots__ = ("delivery", "handle", "interval")
+
+    def __init__(self, delivery: Delivery[Any], interval: float) -> None:
+        self.delivery, self.interval = delivery, interval
+        self.handle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            interval, self.beat)
+
+    def beat(self) -> None:
+        if self.delivery.settled or self.handle is None:
+            return
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self.delivery.msg.in_progress())
+        task.add_done_callback(_ignore_result)
+        self.handle = loop.call_later(self.interval, self.beat)
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
 
 
 def text_headers(headers: dict[str, Any] | None) -> dict[str, str]:

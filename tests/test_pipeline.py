@@ -101,6 +101,34 @@ class Recorder(Middleware):
         self.calls.append(f"after_attempt:{type(outcome).__name__}")
 
 
+async def test_a_finished_job_leaves_no_reference_cycle(bus, components, client):
+    """An attempt, its context and its deliveries are freed by reference counting
+    as soon as the job ends: a cycle per job would make the collector's passes a
+    real share of a busy worker's CPU."""
+    import gc
+
+    from agents.worker.attempt import Attempt
+    from bus.consumer import Delivery
+
+    await components.dispatcher()
+    await components.worker()
+    assert await client.run("echo", {"warm": 1}, timeout=20) == {"warm": 1}
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(20):
+            assert await client.run("echo", {"i": i}, timeout=20) == {"i": i}
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage
+                if isinstance(o, Attempt | Delivery | JobContext)]
+        assert left == [], f"objects of finished jobs left to the cyclic collector: {left[:5]}"
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
 async def test_a_middleware_of_our_own_composes_with_the_default_ones(bus, components, client):
     app = App("flaky")
 

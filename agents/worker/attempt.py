@@ -60,6 +60,13 @@ class Attempt:
     def devices(self) -> list[str]:
         return [lease.device for lease in self.leases]
 
+    def release(self) -> None:
+        """Forget the context once the attempt is over. The context reports
+        progress through this attempt, so the two refer to each other; without
+        this every job would leave a reference cycle for the garbage collector."""
+        self.ctx = None
+        self.on_progress = None
+
     def report_progress(self, fraction: float | None, message: str | None,
                         data: dict[str, Any] | None) -> None:
         if self.on_progress is not None:

@@ -128,6 +128,7 @@ class Pipeline:
                         await m.after_attempt(att, outcome)
                     except Exception:
                         log.exception("%s.after_attempt failed", m.name)
+                att.release()
 
     async def _run(self, att: Attempt) -> Outcome:
         refused = await self._admit(att, fresh=False)
