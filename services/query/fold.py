@@ -62,15 +62,16 @@ def _attempt(row: Row, number: int, ts: float, worker_id: str | None, node: str 
 
 
 def _close(attempts: dict[int, Row], number: int, ts: float, outcome: str,
-           error: Any = None, *, reopen_lost: bool = True) -> None:
+           error: Any = None, *, reopen_lost: bool = True) -> int | None:
     a = attempts.get(number)
     if a is None:
-        return
+        return None
     if a["ended_at"] is not None and not (reopen_lost and a["outcome"] == "lost"):
-        return
+        return None
     a["ended_at"], a["outcome"] = ts, outcome
     if error is not None:
         a["error_code"], a["error_message"] = error.code, error.message
+    return number
 
 
 def _error(row: Row, error: Any) -> None:
@@ -86,8 +87,9 @@ def _end(row: Row, state: str, ts: float) -> None:
         row["duration_s"] = max(0.0, ts - row["started_at"])
 
 
-def apply(row: Row, attempts: dict[int, Row], event: ev.JobEvent, seq: int) -> None:
-    """Fold one event (stream sequence `seq`) into the job's row and attempts."""
+def apply(row: Row, attempts: dict[int, Row], event: ev.JobEvent, seq: int) -> int | None:
+    """Fold one event (stream sequence `seq`) into the job's row and attempts;
+    returns the number of the attempt it changed, if it changed one."""
     row["events"] += 1
     row["last_seq"] = seq
     if row["first_seq"] is None:
@@ -102,7 +104,7 @@ def apply(row: Row, attempts: dict[int, Row], event: ev.JobEvent, seq: int) -> N
         if all((p["node"], p["pid"], p.get("create_time", 0.0)) != key
                for p in row["processes"]):
             row["processes"] = [*row["processes"], link]
-        return
+        return None
     if isinstance(event, ev.Submitted):
         row["capability"] = dict(event.capability)
         row["capability_type"] = event.capability.get("type")
@@ -111,12 +113,11 @@ def apply(row: Row, attempts: dict[int, Row], event: ev.JobEvent, seq: int) -> N
         row["submitted_at"] = ts
         if row["state"] is None:
             row["state"] = "submitted"
-        return
+        return None
     if isinstance(event, ev.Discovered):
-        _discovered(row, attempts, event)
-        return
+        return _discovered(row, attempts, event)
     if isinstance(event, ev.Duplicate) or terminal:
-        return  # recorded as an event; the record stays as it is
+        return None  # recorded as an event; the record stays as it is
 
     if isinstance(event, ev.Queued | ev.Unschedulable):
         if row["state"] in _SCHEDULABLE:
@@ -126,12 +127,13 @@ def apply(row: Row, attempts: dict[int, Row], event: ev.JobEvent, seq: int) -> N
             row["submitted_at"] = ts
     elif isinstance(event, ev.Running):
         if event.attempt < row["attempt"]:
-            return
+            return None
         row.update(state="running", attempt=event.attempt, worker_id=event.worker_id,
                    node=event.node, devices=list(event.devices), started_at=ts, stale=False,
                    progress=None, reason=None)
         attempts[event.attempt] = _attempt(row, event.attempt, ts, event.worker_id,
                                            event.node, event.devices)
+        return event.attempt
     elif isinstance(event, ev.Progress):
         if event.attempt == row["attempt"]:
             row["progress"], row["stale"] = event.progress, False
@@ -141,33 +143,33 @@ def apply(row: Row, attempts: dict[int, Row], event: ev.JobEvent, seq: int) -> N
         _end(row, "succeeded", ts)
         if event.duration_s is not None:
             row["duration_s"] = event.duration_s
-        _close(attempts, event.attempt, ts, "succeeded")
+        return _close(attempts, event.attempt, ts, "succeeded")
     elif isinstance(event, ev.Failed):
         _error(row, event.error)
         _end(row, "failed", ts)
-        _close(attempts, event.attempt, ts, "failed", event.error)
+        return _close(attempts, event.attempt, ts, "failed", event.error)
     elif isinstance(event, ev.Retrying):
         _error(row, event.error)
         row["state"], row["worker_id"] = "retrying", None
-        _close(attempts, event.attempt, ts, "failed", event.error)
+        return _close(attempts, event.attempt, ts, "failed", event.error)
     elif isinstance(event, ev.Cancelled):
         row["reason"] = event.reason
         _end(row, "cancelled", ts)
-        _close(attempts, event.attempt, ts, "cancelled")
+        return _close(attempts, event.attempt, ts, "cancelled")
     elif isinstance(event, ev.Lost):
         if event.attempt == row["attempt"]:
             row["state"], row["reason"] = "lost", event.reason
             row["error_code"], row["error_message"] = "worker_lost", event.reason
-            _close(attempts, event.attempt, ts, "lost", reopen_lost=False)
+            return _close(attempts, event.attempt, ts, "lost", reopen_lost=False)
     elif isinstance(event, ev.Delegated):
         if event.attempt == row["attempt"]:
             row["state"], row["worker_id"], row["devices"] = "queued", None, []
             row["attempt"] = max(0, event.attempt - 1)
-            _close(attempts, event.attempt, ts, "delegated")
+            return _close(attempts, event.attempt, ts, "delegated")
     elif isinstance(event, ev.Dead):
         _error(row, event.error)
         _end(row, "dead", ts)
-        _close(attempts, event.attempt, ts, "dead", event.error)
+        return _close(attempts, event.attempt, ts, "dead", event.error)
     elif isinstance(event, ev.Stale):
         row["stale"], row["reason"] = True, event.reason
     elif isinstance(event, ev.Resumed):
@@ -177,20 +179,23 @@ def apply(row: Row, attempts: dict[int, Row], event: ev.JobEvent, seq: int) -> N
             a = attempts.get(event.attempt)
             if a is not None:
                 a.update(ended_at=None, outcome=None, error_code=None, error_message=None)
+                return event.attempt
     elif isinstance(event, ev.Ended):
         row["exit_code"] = event.exit_code
         _end(row, "ended", ts)
         if event.runtime_s is not None:
             row["duration_s"] = event.runtime_s
-        _close(attempts, row["attempt"], ts, "ended")
+        return _close(attempts, row["attempt"], ts, "ended")
+    return None
 
 
-def _discovered(row: Row, attempts: dict[int, Row], event: ev.Discovered) -> None:
+def _discovered(row: Row, attempts: dict[int, Row], event: ev.Discovered) -> int | None:
     if row["state"] is not None and row["origin"] == "discovered":
-        return  # seen before: the first sighting stands
+        return None  # seen before: the first sighting stands
     started = event.process.create_time or event.ts
     row.update(origin="discovered", capability={"type": "discovered"},
                capability_type="discovered", user=event.process.username, node=event.node,
                devices=list(event.devices), submitted_at=started, started_at=started,
                process=msgspec.to_builtins(event.process), attempt=1, state="running")
     attempts[1] = _attempt(row, 1, started, None, event.node, event.devices)
+    return 1

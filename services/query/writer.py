@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import threading
 import time
 from collections.abc import Iterable
@@ -202,24 +203,29 @@ class Projection:
     def _jobs(self, con: duckdb.DuckDBPyConnection, batch: Batch) -> None:
         ids = list(dict.fromkeys(e.job_id for _, e, _ in batch.events))
         jobs, attempts = self._load_jobs(con, ids)
+        known_jobs = set(jobs)
+        known_attempts = {(j, n) for j, mine in attempts.items() for n in mine}
         touched: dict[tuple[str, int], dict[str, Any]] = {}
         events, outcomes, candidates = [], [], []
+        finished = batch.finished
         for seq, event, raw in batch.events:
-            row = jobs.get(event.job_id)
+            job_id = event.job_id
+            row = jobs.get(job_id)
             if row is None:
-                row = jobs[event.job_id] = fold.new_job(event.job_id)
-            mine = attempts.setdefault(event.job_id, {})
-            before = {n: dict(a) for n, a in mine.items()}
+                row = jobs[job_id] = fold.new_job(job_id)
+            mine = attempts.get(job_id)
+            if mine is None:
+                mine = attempts[job_id] = {}
             was = row["state"]
-            fold.apply(row, mine, event, seq)
-            for n, a in mine.items():
-                if before.get(n) != a:
-                    touched[(event.job_id, n)] = a
+            changed = fold.apply(row, mine, event, seq)
+            if changed is not None:
+                touched[(job_id, changed)] = mine[changed]
             kind = event_kind(event)
-            if was not in TERMINAL_STATES and row["state"] in TERMINAL_STATES:
-                batch.finished.append((row["capability_type"], row["state"], row["duration_s"]))
-            events.append((seq, event.job_id, kind, event.ts, event.attempt, event.worker_id, raw))
-            if kind == "succeeded" and was != "succeeded" and row["state"] == "succeeded":
+            state = row["state"]
+            if state != was and state in TERMINAL_STATES and was not in TERMINAL_STATES:
+                finished.append((row["capability_type"], state, row["duration_s"]))
+            events.append((seq, job_id, kind, event.ts, event.attempt, event.worker_id, raw))
+            if kind == "succeeded" and was != "succeeded" and state == "succeeded":
                 ctype = row["capability_type"]
                 if ctype in kernels.EVAL_TYPES:
                     got = kernels.outcome_row(row, event.ts)
@@ -228,10 +234,20 @@ class Projection:
                 elif ctype in kernels.SEARCH_TYPES:
                     candidates.extend(kernels.candidate_rows(row, event.ts))
         self._insert(con, tables.JOB_EVENTS, events)
-        self._upsert(con, tables.JOBS, [_job_tuple(r) for r in jobs.values()
-                                        if r["state"] is not None or r["events"]])
-        self._upsert(con, tables.ATTEMPTS,
-                     [tuple(a[c] for c in tables.ATTEMPTS.names) for a in touched.values()])
+        # Rows new to the table are inserted; only those that were loaded are
+        # replaced (an upsert costs DuckDB a key lookup and a delete per row).
+        job_rows: tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]] = ([], [])
+        for job_id, r in jobs.items():
+            if r["state"] is not None or r["events"]:
+                job_rows[job_id in known_jobs].append(_job_tuple(r))
+        self._insert(con, tables.JOBS, job_rows[0])
+        self._upsert(con, tables.JOBS, job_rows[1])
+        names = tables.ATTEMPTS.names
+        attempt_rows: tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]] = ([], [])
+        for key, a in touched.items():
+            attempt_rows[key in known_attempts].append(tuple(a[c] for c in names))
+        self._insert(con, tables.ATTEMPTS, attempt_rows[0])
+        self._upsert(con, tables.ATTEMPTS, attempt_rows[1])
         self._upsert(con, tables.KERNEL_RESULTS, outcomes)
         self._upsert(con, tables.KERNEL_CANDIDATES, candidates)
 
@@ -311,12 +327,15 @@ class Projection:
 
     def _positions(self, con: duckdb.DuckDBPyConnection, positions: dict[str, Position]) -> None:
         for stream, p in positions.items():
-            con.execute(
-                "INSERT INTO applied VALUES (?, ?, ?, ?, ?) ON CONFLICT (stream) DO UPDATE SET "
-                "seq = excluded.seq, ts = coalesce(excluded.ts, applied.ts), "
-                "messages = applied.messages + excluded.messages, "
-                "skipped = applied.skipped + excluded.skipped",
-                [stream, p.seq, p.ts, p.messages, p.skipped])
+            # An UPDATE of the row that is nearly always there costs DuckDB half
+            # what the equivalent upsert does; the first batch of a stream inserts.
+            got = con.execute(
+                "UPDATE applied SET seq = ?, ts = coalesce(?, ts), messages = messages + ?, "
+                "skipped = skipped + ? WHERE stream = ?",
+                [p.seq, p.ts, p.messages, p.skipped, stream]).fetchone()
+            if not got or not got[0]:
+                con.execute("INSERT INTO applied VALUES (?, ?, ?, ?, ?)",
+                            [stream, p.seq, p.ts, p.messages, p.skipped])
 
     # ---- retention --------------------------------------------------------------------------
 
@@ -411,11 +430,15 @@ def _q1(name: str) -> str:
     return f'"{name}"'
 
 
+_JOB_VALUES = operator.itemgetter(*tables.JOBS.names)
+_JOB_JSON_AT = tuple(tables.JOBS.names.index(c) for c in _JOB_JSON)
+_encode = msgspec.json.Encoder().encode
+
+
 def _job_tuple(row: dict[str, Any]) -> tuple[Any, ...]:
-    out = []
-    for c in tables.JOBS.names:
-        v = row[c]
-        if c in _JOB_JSON:
-            v = None if v is None else msgspec.json.encode(v).decode()
-        out.append(v)
-    return tuple(out)
+    values = list(_JOB_VALUES(row))
+    for i in _JOB_JSON_AT:
+        v = values[i]
+        if v is not None:
+            values[i] = _encode(v).decode()
+    return tuple(values)
