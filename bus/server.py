@@ -90,6 +90,25 @@ def _wait_port(host: str, port: int, deadline: float, proc: subprocess.Popen[byt
     raise ServerError(f"nats-server did not answer on {host}:{port} in time")
 
 
+def server_env() -> dict[str, str]:
+    """The embedded server's environment: ours, with GOMAXPROCS at half the
+    CPUs this process may use (at least 1) unless it is set already.
+
+    An embedded server shares its machine with the fleet's own processes. With
+    a Go thread per CPU it spends much of its time handing work between
+    threads that the Python components then preempt: on 2 cores, flat-out
+    dispatch measured 160 us of server CPU per job with 2, 128 with 1, and both
+    the floor and jetfleet ran about 5% faster (`jetfleet bench dispatch`)."""
+    env = dict(os.environ)
+    if not env.get("GOMAXPROCS"):
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cpus = os.cpu_count() or 2
+        env["GOMAXPROCS"] = str(max(1, cpus // 2))
+    return env
+
+
 class EmbeddedServer:
     """A nats-server child process with JetStream in `data_dir`.
 
@@ -165,6 +184,7 @@ class EmbeddedServer:
         log = open(self.log_file, "ab")
         self.proc = subprocess.Popen(
             [self.binary, "-c", str(conf)],
+            env=server_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -70,6 +70,20 @@ def parse_work_subject(subject: str) -> tuple[str, int] | None:
     return (parts[2], prio) if prio in PRIORITIES else None
 
 
+def ack_position(reply: str | None) -> tuple[int, float, int] | None:
+    """(stream sequence, stream time in s, messages pending) of a JetStream
+    delivery, read from its ack subject: `$JS.ACK.<stream>.<consumer>.<delivered>.
+    <sseq>.<cseq>.<ns>.<pending>`, or the newer form with domain and account
+    hash. None for anything else. By hand, because it runs per message:
+    nats-py's metadata builds dataclasses and a datetime each time."""
+    tokens = (reply or "").split(".")
+    if len(tokens) == 9:
+        return int(tokens[5]), int(tokens[7]) / 1e9, int(tokens[8])
+    if len(tokens) >= 11:
+        return int(tokens[7]), int(tokens[9]) / 1e9, int(tokens[10])
+    return None
+
+
 def work_consumer(capability_type: str, priority: int) -> str:
     # Consumer names may not contain dots.
     return f"work-p{priority}-{capability_type.replace('.', '_')}"

@@ -112,3 +112,33 @@ async def test_bucket_keys_and_history_answer_empty_only_when_empty(bus):
         await kv.delete(key)
     assert await kvread.keys(kv) == []  # only tombstones left: empty, after a check
     assert await kvread.latest(kv) == {}
+
+
+def test_ack_position_reads_both_forms_of_the_ack_subject():
+    from bus.topology import ack_position
+
+    old = "$JS.ACK.EVENTS.q1.1.42.40.1764193000123456789.7"
+    assert ack_position(old) == (42, 1764193000.1234567, 7)
+    new = "$JS.ACK.hub.ACCHASH.EVENTS.q1.1.42.40.1764193000123456789.7.token"
+    assert ack_position(new) == (42, 1764193000.1234567, 7)
+    assert ack_position("_INBOX.abc.1") is None
+    assert ack_position(None) is None
+
+
+def test_the_embedded_server_gets_half_the_cpus_unless_gomaxprocs_is_set(tmp_path, monkeypatch):
+    import os
+
+    from bus.server import EmbeddedServer
+
+    def environ(server: EmbeddedServer) -> dict[str, str]:
+        assert server.proc is not None
+        raw = open(f"/proc/{server.proc.pid}/environ", "rb").read().split(b"\0")
+        return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+    monkeypatch.delenv("GOMAXPROCS", raising=False)
+    with EmbeddedServer(tmp_path / "a") as server:
+        want = max(1, len(os.sched_getaffinity(0)) // 2)
+        assert environ(server)["GOMAXPROCS"] == str(want)
+    monkeypatch.setenv("GOMAXPROCS", "3")
+    with EmbeddedServer(tmp_path / "b") as server:
+        assert environ(server)["GOMAXPROCS"] == "3"

@@ -66,14 +66,15 @@ class KvMirror:
     async def _on(self, msg: Any) -> None:
         key = msg.subject[len(self._prefix):]
         op = (msg.headers or {}).get("KV-Operation")
+        seq, pending = _position(msg)
         try:
             if op in ("DEL", "PURGE") or not msg.data:
                 self.on_delete(key)
             else:
-                self.on_put(key, msg.data, int(msg.metadata.sequence.stream))
+                self.on_put(key, msg.data, seq)
         except Exception:  # one bad value must not stop the mirror
             log.exception("KV %s: applying %s failed", self.bucket, key)
-        if msg.metadata.num_pending == 0:
+        if pending == 0:
             self.ready.set()
 
     async def stop(self) -> None:
@@ -81,3 +82,13 @@ class KvMirror:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
             self._sub = None
+
+
+
+def _position(msg: Any) -> tuple[int, int]:
+    """(stream sequence, messages pending) of a delivery."""
+    got = topology.ack_position(msg.reply)
+    if got is not None:
+        return got[0], got[2]
+    meta = msg.metadata
+    return int(meta.sequence.stream), int(meta.num_pending)

@@ -37,14 +37,10 @@ _SUBJECTS = {topology.EVENTS: topology.EVENTS_ALL, topology.TELEMETRY: topology.
 
 
 def _position(msg: Msg) -> tuple[int, float | None, int]:
-    """(stream sequence, stream time in s, messages pending) from the reply subject:
-    `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>`, or the
-    newer form with domain and account; parsed by hand, as this runs per message."""
-    tokens = (msg.reply or "").split(".")
-    if len(tokens) == 9:
-        return int(tokens[5]), int(tokens[7]) / 1e9, int(tokens[8])
-    if len(tokens) >= 11:
-        return int(tokens[7]), int(tokens[9]) / 1e9, int(tokens[10])
+    """(stream sequence, stream time in s, messages pending) of a delivery."""
+    got = topology.ack_position(msg.reply)
+    if got is not None:
+        return got
     meta = msg.metadata
     ts = meta.timestamp.timestamp() if meta.timestamp else None
     return int(meta.sequence.stream), ts, int(meta.num_pending)
