@@ -209,6 +209,14 @@ class DataLink:
                 return line
             self._fill()
 
+    def line(self) -> bytes:
+        """The next protocol line, without its CRLF."""
+        return self._line()
+
+    def buffered(self) -> int:
+        """Bytes received and not yet consumed: 0 means the next read waits on the socket."""
+        return self._end - self._start
+
     def read_into(self, dest: memoryview) -> None:
         """Exactly len(dest) payload bytes into `dest`: what is buffered first,
         the rest straight from the socket."""

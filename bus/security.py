@@ -150,6 +150,13 @@ class Permissions:
                             _api("CONSUMER.CREATE", stream), _api("CONSUMER.CREATE", stream, ">"),
                             _api("CONSUMER.INFO", stream, "*"), f"{FLOW_CONTROL}.{stream}.>")
 
+    def follow_stream(self, stream: str) -> Permissions:
+        """Read a stream and pull from ephemeral consumers of it (bus.follow). Only
+        for streams whose consumers are all readers: on WORK or JOBS this would let
+        the role take other consumers' messages."""
+        assert stream not in (topology.WORK, topology.JOBS), stream
+        return self.read_stream(stream).publish(_api("CONSUMER.MSG.NEXT", stream, "*"))
+
     def read_kv(self, bucket: str, live: str | None = None) -> Permissions:
         """Get, keys, watch, history; `live` also subscribes to writes of those keys
         as they happen (core NATS on the bucket's own subjects)."""
@@ -346,7 +353,8 @@ def _monitor(p: Permissions, grant: Grant) -> None:
 
 def _query(p: Permissions, grant: Grant) -> None:
     p.control_service("query")
-    p.read_stream(topology.TELEMETRY).read_stream(topology.DEAD)
+    p.follow_stream(topology.EVENTS).follow_stream(topology.TELEMETRY)
+    p.read_stream(topology.DEAD)
     # The API's write scope publishes what the client role may (services/query/auth.py).
     p.publish(topology.SUBMIT, topology.CANCEL)
 

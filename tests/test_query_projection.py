@@ -37,6 +37,8 @@ async def test_submitted_jobs_appear_with_totals_and_details(settings, client, c
         for job_id in ids:
             await client.wait(job_id, timeout=30)
         assert await svc.caught_up()
+        # Both streams are followed over data links (bus.follow), not nats-py.
+        assert svc.ingest.readers == {"EVENTS": "link", "TELEMETRY": "link"}
 
         page = (await api.get("/api/v1/jobs", params={"limit": 50})).json()
         assert page["total"] == 23 and len(page["items"]) == 23
@@ -446,6 +448,33 @@ async def test_a_server_restart_loses_and_doubles_nothing(settings, bus, nats_se
         cur = svc.projection.reader()
         assert cur.execute("SELECT count(*), count(DISTINCT seq) FROM job_events").fetchone() \
             == (100, 100)
+        assert svc.ingest.readers["EVENTS"] == "link"
+        assert sum(f.rounds for f in svc.ingest._followers.values()) >= 3, \
+            "the followers did not start again after the restart"
+
+
+async def test_without_a_data_link_the_projection_reads_through_the_bus(tmp_path: Path) -> None:
+    """A server that takes no more connections than the bus's own: the query
+    service reads both streams through nats-py instead, and misses nothing."""
+    from bus.connection import connect
+    from bus.server import EmbeddedServer
+    from bus.settings import Settings
+
+    with EmbeddedServer(tmp_path / "nats", extra_config="max_connections: 2") as server:
+        settings = Settings(nats_url=server.url)
+        bus = await connect(settings, name="publisher")
+        try:
+            async with query_service(settings, tmp_path / "q.duckdb") as svc, \
+                    http(svc) as api:
+                for i in range(30):
+                    await emit(bus, ev.Submitted(job_id=f"n{i}", capability={"type": "echo"}))
+                assert await svc.caught_up()
+                await svc.ingest.flush()
+                page = (await api.get("/api/v1/jobs", params={"limit": 1})).json()
+                assert page["total"] == 30
+                assert svc.ingest.readers == {"EVENTS": "nats", "TELEMETRY": "nats"}
+        finally:
+            await bus.close()
 
 
 async def test_kernel_outcomes_and_evolve_candidates(settings, bus, tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 Each stream is read through a consumer of this process alone (ephemeral, no
 acks: the applied sequence in DuckDB is the only position), created to start
-right after what the projection holds. A message at or below the applied
+right after what the projection holds. It is read by a follower (bus.follow:
+a data link in a thread, handing over chunks), or through nats-py's ordered
+consumer when no link can be opened (a server at its connection limit). A message at or below the applied
 sequence is dropped, so a consumer re-created after a server restart can
 never apply anything twice. A batch is flushed when it holds `max_rows` rows
 or its oldest message has waited `max_delay_s`; one flush runs at a time in
@@ -26,6 +28,8 @@ from nats.js import api as js_api
 
 from bus import topology
 from bus.connection import Bus
+from bus.datalink import LinkUnavailable
+from bus.follow import Delivered, Follower
 
 from .rows import Batch
 from .writer import Projection
@@ -86,6 +90,9 @@ class Ingest:
         self._room.set()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._followers: dict[str, Follower] = {}
+        # How each stream is read now: "link" (a follower) or "nats" (the fallback).
+        self.readers: dict[str, str] = {}
         self._generation = 0
         # Bumped on every reconnect: the server may have forgotten our consumers.
         self._connection = 0
@@ -160,6 +167,33 @@ class Ingest:
                                            ordered_consumer=True, config=cfg)
 
     async def _read(self, stream: str, generation: int) -> None:
+        """Follow the stream over a link; through nats-py if no link can be opened."""
+        st = self.streams[stream]
+
+        def on_chunk(chunk: list[Delivered]) -> None:
+            if generation != self._generation:
+                return
+            for seq, ts, pending, subject, data in chunk:
+                self._add(st, seq, ts, pending, subject, data)
+            if not self._room.is_set():
+                follower.pause()
+
+        follower = Follower(self.bus, stream, _SUBJECTS[stream], on_chunk, start=st.read + 1,
+                            name=f"jetfleet-query-{stream.lower()}")
+        self._followers[stream] = follower
+        self.readers[stream] = "link"
+        try:
+            await follower.run()
+        except LinkUnavailable as exc:
+            log.warning("%s: no data link (%s); reading through the bus connection",
+                        stream, exc)
+            self.readers[stream] = "nats"
+            await self._read_nats(stream, generation)
+        finally:
+            if self._followers.get(stream) is follower:
+                del self._followers[stream]
+
+    async def _read_nats(self, stream: str, generation: int) -> None:
         """Keep an ordered consumer delivering from after what was taken. It is
         re-created after a reconnect (a restarted server forgets it) and when it
         went quiet while the stream holds more."""
@@ -208,6 +242,10 @@ class Ingest:
 
     def _take(self, st: StreamState, msg: Msg) -> None:
         seq, ts, pending = _position(msg)
+        self._add(st, seq, ts, pending, msg.subject, msg.data)
+
+    def _add(self, st: StreamState, seq: int, ts: float | None, pending: int, subject: str,
+             data: bytes) -> None:
         if seq <= st.read:
             return  # already taken (a consumer re-created from an older point)
         st.read, st.pending = seq, pending
@@ -216,7 +254,7 @@ class Ingest:
             self._oldest = st.last_read_at
         if ts is not None and (self._oldest_stream_ts is None or ts < self._oldest_stream_ts):
             self._oldest_stream_ts = ts
-        self.batch.add(st.stream, seq, msg.subject, msg.data, ts)
+        self.batch.add(st.stream, seq, subject, data, ts)
         if self.batch.size >= self.max_rows * 4:
             self._room.clear()  # back-pressure: the writer is behind
 
@@ -254,7 +292,7 @@ class Ingest:
         self._oldest = self._oldest_stream_ts = None
         started = time.perf_counter()
         await self.in_writer(self.projection.apply, batch)
-        self._room.set()
+        self._make_room()
         committed = time.time()
         self.stats.batches += 1
         self.stats.events += len(batch.events) + len(batch.node_events)
@@ -275,7 +313,7 @@ class Ingest:
                 await t
         self.batch = Batch()
         self._oldest = self._oldest_stream_ts = None
-        self._room.set()
+        self._make_room()
         positions = await self.in_writer(self.projection.positions)
         self._generation += 1
         gen = self._generation
@@ -284,6 +322,11 @@ class Ingest:
         self._tasks = [t for t in self._tasks if not t.get_name().startswith("read-")]
         self._tasks += [asyncio.create_task(self._read(s, gen), name=f"read-{s}")
                         for s in STREAMS]
+
+    def _make_room(self) -> None:
+        self._room.set()
+        for follower in self._followers.values():
+            follower.resume()
 
     def lag_messages(self) -> dict[str, int]:
         """Messages in each stream not yet committed here (as of the last read)."""
