@@ -19,8 +19,8 @@ the last sequence the caller was handed. The caller drops what it already has
 (`seq <= applied`), so a round that starts early applies nothing twice.
 
 Back-pressure: new pull requests are made only while the caller says there is
-room (`pause()` / `resume()`); what is already asked for still arrives, at
-most two requests' worth.
+room (`pause()` / `resume()`). What the thread asked for before it saw the
+pause still arrives (two requests at most are outstanding at any time).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class FollowError(Exception):
     """The server refused the consumer or its requests (a permission, a missing stream)."""
 
 
-class Follower:
+class LinkFollower:
     def __init__(self, bus: Bus, stream: str, subject: str, on_chunk: OnChunk, *,
                  start: int, batch: int = BATCH, heartbeat_s: float = HEARTBEAT_S,
                  name: str = "jetfleet-follow") -> None:

@@ -11,7 +11,7 @@ import pytest
 from bus import topology
 from bus.connection import Bus, connect
 from bus.datalink import LinkUnavailable
-from bus.follow import Delivered, Follower
+from bus.follow import Delivered, LinkFollower
 from bus.server import EmbeddedServer
 from bus.settings import Settings
 from tests.helpers import eventually
@@ -24,12 +24,12 @@ async def _publish(bus: Bus, first: int, n: int) -> None:
     await asyncio.gather(*futures)
 
 
-def _follower(bus: Bus, got: list[Delivered], start: int = 1, **kw: object) -> Follower:
+def _follower(bus: Bus, got: list[Delivered], start: int = 1, **kw: object) -> LinkFollower:
     def on_chunk(chunk: list[Delivered]) -> None:
         assert chunk, "an empty chunk was handed over"
         got.extend(chunk)
 
-    return Follower(bus, topology.EVENTS, topology.EVENTS_ALL, on_chunk, start=start,
+    return LinkFollower(bus, topology.EVENTS, topology.EVENTS_ALL, on_chunk, start=start,
                     **kw)  # type: ignore[arg-type]
 
 
@@ -88,13 +88,21 @@ async def test_a_paused_follower_stops_asking_and_resumes(bus: Bus) -> None:
         got.extend(chunk)
         follower.pause()  # as the query service does when its batch is full
 
-    follower = Follower(bus, topology.EVENTS, topology.EVENTS_ALL, on_chunk, start=1,
-                        batch=100)
+    follower = LinkFollower(bus, topology.EVENTS, topology.EVENTS_ALL, on_chunk, start=1,
+                            batch=100)
+    follower.pause()
     task = asyncio.create_task(follower.run())
     try:
-        await eventually(lambda: len(got) >= 100, timeout=20)
         await asyncio.sleep(1.0)
-        assert len(got) <= 200, "a paused follower kept asking (two requests at most)"
+        assert got == [], "a follower paused from the start asked for messages"
+        follower.resume()
+        await eventually(lambda: len(got) >= 100, timeout=20)
+        # What was asked for before the thread saw the pause still lands; then
+        # nothing more, although 2,000 messages wait.
+        await asyncio.sleep(1.0)
+        held = len(got)
+        await asyncio.sleep(1.0)
+        assert len(got) == held < 2000, "a paused follower kept asking"
         while len(got) < 2000:
             follower.resume()
             await asyncio.sleep(0.05)

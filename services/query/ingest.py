@@ -29,7 +29,7 @@ from nats.js import api as js_api
 from bus import topology
 from bus.connection import Bus
 from bus.datalink import LinkUnavailable
-from bus.follow import Delivered, Follower
+from bus.follow import Delivered, LinkFollower
 
 from .rows import Batch
 from .writer import Projection
@@ -90,7 +90,7 @@ class Ingest:
         self._room.set()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._followers: dict[str, Follower] = {}
+        self._followers: dict[str, LinkFollower] = {}
         # How each stream is read now: "link" (a follower) or "nats" (the fallback).
         self.readers: dict[str, str] = {}
         self._generation = 0
@@ -178,7 +178,7 @@ class Ingest:
             if not self._room.is_set():
                 follower.pause()
 
-        follower = Follower(self.bus, stream, _SUBJECTS[stream], on_chunk, start=st.read + 1,
+        follower = LinkFollower(self.bus, stream, _SUBJECTS[stream], on_chunk, start=st.read + 1,
                             name=f"jetfleet-query-{stream.lower()}")
         self._followers[stream] = follower
         self.readers[stream] = "link"
