@@ -21,6 +21,10 @@ async def pull_now(nc: NATS, stream: str, consumer: str, batch: int,
     # JetStream delivers pulled messages under their own subjects to the
     # reply inbox's subscription, so each pull gets a subscription of its own.
     sub = await nc.subscribe(reply, max_msgs=0)
+    # Read straight from the subscription's queue: nats-py's next_msg makes a
+    # task (named by a fresh uuid4) and a wait_for per message; here a wait
+    # happens only when the queue is empty, which a batch rarely leaves it.
+    queue: asyncio.Queue[Msg] = sub._pending_queue
     out: list[Msg] = []
     try:
         req = json.dumps({"batch": batch, "no_wait": True}).encode()
@@ -28,15 +32,17 @@ async def pull_now(nc: NATS, stream: str, consumer: str, batch: int,
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while len(out) < batch:
-            left = deadline - loop.time()
-            if left <= 0:
-                break
             try:
-                msg = await sub.next_msg(timeout=left)
-            except TimeoutError:
-                break
-            except Exception:
-                break
+                msg = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    msg = await asyncio.wait_for(queue.get(), left)
+                except TimeoutError:
+                    break
+            sub._pending_size -= len(msg.data)
             if _is_status(msg):
                 break  # 404 no messages, 408 request timeout, 409 ...
             out.append(msg)
@@ -46,7 +52,7 @@ async def pull_now(nc: NATS, stream: str, consumer: str, batch: int,
         # Anything that raced in after we stopped goes straight back.
         while True:
             try:
-                late = sub._pending_queue.get_nowait()
+                late = queue.get_nowait()
             except Exception:
                 break
             if not _is_status(late):
