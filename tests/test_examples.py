@@ -104,6 +104,10 @@ async def test_trio_gpu_cpu_and_queued_gpu_side_by_side(components, procs, clien
     assert all(b0 >= a1 for (_a0, a1), (b0, _b1) in itertools.pairwise(spans)), spans
     png = Image.open(io.BytesIO(bytes(await Objects(bus).get(pics[0].result["image"]))))
     assert png.size == (96, 64)
+    # The agent says `app_started` once it has read the worker's advert and
+    # hook times, which can come after the worker's first jobs are done.
+    await eventually(lambda: len(events.of("app_started")) >= 3, timeout=20,
+                     what="the image generator's app_started")
     started = {e["app"]: e for e in events.of("app_started")}
     assert "waiting" in started["imagegen"]["reason"]
     # Slots are leased per job: never two jobs on one slot at once.
