@@ -30,6 +30,7 @@ import functools
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +44,7 @@ Delivered = tuple[int, float, int, str, bytes]  # seq, stream time (s), pending,
 OnChunk = Callable[[list[Delivered]], None]
 
 BATCH = 2048
-HEARTBEAT_S = 5.0
+HEARTBEAT_S = 2.0
 
 
 class FollowError(Exception):
@@ -86,8 +87,9 @@ class LinkFollower:
 
     async def run(self) -> None:
         """Follow until stopped. LinkUnavailable when the first link cannot be
-        opened, or its first round fails before handing anything over (the
-        caller then reads through nats-py instead)."""
+        opened, or the server says this role may not create or pull from the
+        consumer (the caller then reads through nats-py instead); anything else
+        is retried in a new round."""
         loop = asyncio.get_running_loop()
         delay = 0.1
         first = True
@@ -117,10 +119,10 @@ class LinkFollower:
                 except (LinkError, FollowError, OSError, ValueError) as exc:
                     if self._stop.is_set():
                         break
-                    if self.rounds == 1 and not self.handed:
-                        # The first round failed before handing anything over (a
-                        # role without pull rights, a server that refuses): let
-                        # the caller read another way rather than retry for ever.
+                    if "Permissions Violation" in str(exc):
+                        # This role may not create or pull from such a consumer:
+                        # no later round does better, so let the caller read
+                        # another way rather than retry for ever.
                         raise LinkUnavailable(f"following {self.stream}: {exc}") from None
                     log.info("following %s from %d: %s; starting again from %d",
                              self.stream, start, exc, self.next)
@@ -229,15 +231,19 @@ class LinkFollower:
 
     @staticmethod
     def _status(headers: bytes, asked: list[int]) -> None:
-        """A status on the pull inbox: 100 heartbeat (alive), 404/408 a request
-        done, 409 the consumer gone or the request refused."""
+        """A status on the pull inbox: 100 heartbeat (alive); 404/408 a request
+        done; 503 no one to answer yet (a consumer just made in a cluster waits
+        for its leader): the request is dropped and asked again shortly; 409 the
+        consumer gone or the request refused."""
         first = headers.split(b"\r\n", 1)[0].split(None, 2)
         code = first[1] if len(first) > 1 else b""
         if code == b"100":
             return
-        if code in (b"404", b"408"):
+        if code in (b"404", b"408", b"503"):
             if asked:
                 asked.pop(0)
+            if code == b"503":
+                time.sleep(0.05)
             return
         text = first[2].decode(errors="replace") if len(first) > 2 else ""
         raise FollowError(f"pull answered {code.decode(errors='replace')} {text}".strip())

@@ -5,6 +5,7 @@ back-pressure that stops asking, and a role without pull rights falling back."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 import pytest
 
@@ -18,10 +19,14 @@ from tests.helpers import eventually
 
 
 async def _publish(bus: Bus, first: int, n: int) -> None:
-    futures = [await bus.js.publish_async(f"events.jobs.j-{i}", b'{"i":%d}' % i,
-                                          headers={"Nats-Msg-Id": f"m-{i}"})
-               for i in range(first, first + n)]
-    await asyncio.gather(*futures)
+    """Pipelined, in order on one connection, each ack awaited with a timeout (the
+    first alone: it may set up the publisher's reply subscription)."""
+    def one(i: int) -> Awaitable[object]:
+        return bus.publisher.publish(f"events.jobs.j-{i}", b'{"i":%d}' % i,
+                                     {"Nats-Msg-Id": f"m-{i}"}, timeout=10.0)
+
+    await one(first)
+    await asyncio.gather(*(one(i) for i in range(first + 1, first + n)))
 
 
 def _follower(bus: Bus, got: list[Delivered], start: int = 1, **kw: object) -> LinkFollower:
@@ -147,3 +152,49 @@ async def test_only_a_role_allowed_to_pull_follows_over_a_link(tmp_path, role: s
             await bus.close()
     finally:
         server.stop()
+
+
+async def test_a_follower_survives_losing_the_server_that_held_its_consumer(tmp_path) -> None:
+    """A 3-server cluster: the server holding the follower's consumer (not the
+    one its link is on) is killed. The link stays up, so only the missing
+    heartbeats tell; a new round on a new consumer goes on with nothing lost."""
+    from bus.server import EmbeddedCluster
+
+    cluster = EmbeddedCluster(tmp_path / "nats", size=3).start()
+    try:
+        settings = Settings(nats_url=cluster.url, replicas=3)
+        bus = await connect(settings, name="follow")
+        try:
+            await _publish(bus, 0, 200)
+            got: list[Delivered] = []
+            follower = _follower(bus, got, heartbeat_s=0.5)
+            task = asyncio.create_task(follower.run())
+            await eventually(lambda: len(got) >= 200, timeout=30)
+            infos = await bus.js.consumers_info(topology.EVENTS)
+            leaders = {i.cluster.leader for i in infos if i.cluster and i.cluster.leader}
+            ours = bus.nc.connected_url.port if bus.nc.connected_url else None
+            victims = [s for s in cluster.servers
+                       if s.server_name in leaders and s.port != ours]
+            if not victims:  # the consumer sits on our own server: kill that one instead
+                victims = [s for s in cluster.servers if s.port == ours]
+            victims[0].kill()
+
+            # One at a time, each with its own timeout (an ack lost in the
+            # fail-over must not hang the test); a retry is deduplicated by its id.
+            for i in range(200, 400):
+                for _ in range(40):
+                    try:
+                        await bus.publisher.publish(f"events.jobs.j-{i}", b'{"i":%d}' % i,
+                                                    {"Nats-Msg-Id": f"m-{i}"}, timeout=2.0)
+                        break
+                    except Exception:
+                        await asyncio.sleep(0.25)
+            await eventually(lambda: len(got) >= 400, timeout=60)
+            _check(got, 1, 400)
+            assert follower.rounds >= 2
+            follower.stop()
+            await asyncio.wait_for(task, 10)
+        finally:
+            await bus.close()
+    finally:
+        cluster.stop()
