@@ -168,8 +168,10 @@ async def _busy_or_done(client, job_ids, alive):
 
 async def _busy_workers(client, job_ids, alive):
     out: dict[str, list[str]] = {}
-    for s in await states_of(client, job_ids):
-        if s.state == "running" and s.worker_id in alive and s.devices:
+    for j in job_ids:
+        # A job the dispatcher has not recorded yet (just submitted) is not busy.
+        s = await client.status(j)
+        if s is not None and s.state == "running" and s.worker_id in alive and s.devices:
             out.setdefault(s.worker_id, []).append(s.job_id)
     return out
 
