@@ -140,7 +140,9 @@ async def test_worker_started_on_demand_and_stopped_after_idle(components, procs
     started = await eventually(lambda: events.of("app_started"), what="app_started")
     assert started[0]["app"] == "quick" and started[0]["worker_id"] == "n-demand-quick-0"
     assert "waiting" in started[0]["reason"]
-    assert started[0]["start_s"] > 0 and started[0]["hooks_s"]["on_start:load"] >= 0.2
+    # The hook sleeps 0.2 s; uvloop's timers run on a millisecond clock, so the
+    # measured time can come out a millisecond short.
+    assert started[0]["start_s"] > 0 and started[0]["hooks_s"]["on_start:load"] >= 0.19
     assert started[0]["ts"] >= t0
 
     # Idle for idle_stop_s: drained and gone, its advert removed.
