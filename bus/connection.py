@@ -26,6 +26,7 @@ from bus.publisher import Publisher
 from bus.security import APPLIES_TOPOLOGY, COMPONENT_ROLES, ROLES
 from bus.server import ServerError, check_version
 from bus.settings import Settings
+from bus.wire import Wire
 from schemas.common import now
 from schemas.fleet import DeadLetter
 
@@ -110,7 +111,7 @@ class Bus:
     async def signal(self, subject: str, message: Any = b"") -> None:
         """A core-NATS message (not persisted): doorbells and control nudges."""
         body = message if isinstance(message, bytes) else codec.encode(message)
-        await self.nc.publish(subject, body)
+        await self.publisher.wire.publish(subject, body)
 
     async def dead_letter(
         self,
@@ -225,6 +226,11 @@ class Denials:
             else:
                 remember(spelled, subject.lower(), subject)
             await original(subject, payload, reply, headers)
+
+        # The lean path (bus.wire) tells the same tables what it sends.
+        wire = Wire.of(nc)
+        wire.on_request = lambda reply, subject: remember(replies, reply, subject)
+        wire.on_publish = lambda subject: remember(spelled, subject.lower(), subject)
 
         async def subscribe(subject: str, *args: Any, **kwargs: Any) -> Any:
             remember(spelled, subject.lower(), subject)

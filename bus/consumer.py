@@ -25,6 +25,7 @@ from nats.js.errors import NotFoundError
 
 from bus import codec, topology
 from bus.connection import Bus
+from bus.wire import Wire
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,7 +83,7 @@ class Delivery(Generic[T]):
     async def ack(self) -> None:
         if not self.settled:
             self.settled = True
-            await self.msg.ack()
+            await ack(self.msg)
 
     async def nak(self, delay: float | None = None) -> None:
         if not self.settled:
@@ -132,6 +133,14 @@ class _Beat:
         if self.handle is not None:
             self.handle.cancel()
             self.handle = None
+
+
+async def ack(msg: Msg) -> None:
+    """Acknowledge a JetStream message, the lean way where the connection has it."""
+    if msg._ackd or not msg.reply:
+        return
+    msg._ackd = True
+    await Wire.of(msg._client).publish(msg.reply, b"+ACK")
 
 
 def text_headers(headers: dict[str, Any] | None) -> dict[str, str]:

@@ -22,9 +22,10 @@ from typing import Any
 import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.js import errors as js_errors
 from nats.js.api import Header, PubAck
+
+from bus.wire import Wire, status_of
 
 NO_RESPONDERS = "503"
 _WRONG_LAST = (10071, 10164)
@@ -50,9 +51,11 @@ _decode_ack = msgspec.json.Decoder(_Ack).decode
 class Publisher:
     def __init__(self, nc: NATS, registry: dict[str, asyncio.Future[Any]] | None = None) -> None:
         self.nc = nc
+        self.wire = Wire.of(nc)
         # Where a refusal of the server (bus.connection.Denials) finds the futures.
         self.registry: dict[str, asyncio.Future[Any]] = {} if registry is None else registry
         self._prefix = ""
+        self._cut = 0
         self._sub: Any = None
         self._waiting: dict[str, tuple[asyncio.Future[PubAck], float]] = {}
         self._tokens = itertools.count()
@@ -65,7 +68,9 @@ class Publisher:
                 return
             nc = self.nc
             self._prefix = f"{nc.new_inbox()}."
-            self._sub = await nc.subscribe(f"{self._prefix}*", cb=self._on_ack)
+            self._cut = len(self._prefix)
+            # Acks straight from the reader: no Msg, no queue, no task.
+            self._sub = await self.wire.subscribe(f"{self._prefix}*", self._on_raw_ack)
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def publish(self, subject: str, body: bytes, headers: dict[str, str] | None = None,
@@ -79,22 +84,26 @@ class Publisher:
         denials = self.registry
         denials[reply] = future
         try:
-            await self.nc.publish(subject, body, reply=reply, headers=headers or None)
+            await self.wire.publish(subject, body, reply, headers)
             return await future
         finally:
             self._waiting.pop(token, None)
             denials.pop(reply, None)
 
-    async def _on_ack(self, msg: Msg) -> None:
-        got = self._waiting.get(msg.subject[len(self._prefix):])
+    def _on_raw_ack(self, subject: bytes, _reply: bytes, data: bytes,
+                    headers: bytes | None) -> None:
+        got = self._waiting.get(subject[self._cut:].decode())
         if got is None or got[0].done():
             return
-        future = got[0]
-        if msg.headers and msg.headers.get(Header.STATUS) == NO_RESPONDERS:
+        self._settle(got[0], data, status_of(headers) == NO_RESPONDERS)
+
+    @staticmethod
+    def _settle(future: asyncio.Future[PubAck], data: bytes, no_stream: bool) -> None:
+        if no_stream:
             future.set_exception(js_errors.NoStreamResponseError())
             return
         try:
-            ack = _decode_ack(msg.data)
+            ack = _decode_ack(data)
         except msgspec.DecodeError as exc:
             future.set_exception(js_errors.Error(f"unreadable publish ack: {exc}"))
             return
@@ -127,6 +136,7 @@ class Publisher:
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._sub is not None:
+            self.wire.unroute(self._sub._id)
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
 

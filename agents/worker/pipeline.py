@@ -88,11 +88,19 @@ class Pipeline:
         self.jobs = jobs
         self.others_serve = others_serve
         self._bg: set[asyncio.Task[Any]] = set()
+        self._hooks: dict[str, tuple[int, tuple[Middleware, ...]]] = {}
 
-    def _with(self, hook: str) -> list[Middleware]:
-        """The pieces that implement `hook` (the others are skipped, not awaited)."""
+    def _with(self, hook: str) -> tuple[Middleware, ...]:
+        """The pieces that implement `hook` (the others are skipped, not awaited),
+        looked up again only when a piece is added or removed."""
+        n = len(self.middleware)
+        cached = self._hooks.get(hook)
+        if cached is not None and cached[0] == n:
+            return cached[1]
         base = getattr(Middleware, hook)
-        return [m for m in self.middleware if getattr(type(m), hook) is not base]
+        found = tuple(m for m in self.middleware if getattr(type(m), hook) is not base)
+        self._hooks[hook] = (n, found)
+        return found
 
     async def process(self, d: Delivery[WorkItem]) -> None:
         spec = self.w.specs.get(d.data.capability.get("type", ""))

@@ -1,0 +1,189 @@
+"""The lean protocol paths (bus.wire) against a real nats-server: what they
+send is what nats-py would have sent, what they refuse never leaves, and
+whenever the connection is not plainly up they hand over to nats-py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+import pytest
+from nats.js import errors as js_errors
+from nats.js.api import StreamConfig
+
+from bus import wire as wire_mod
+from bus.server import EmbeddedServer
+from bus.wire import BadSubject, Wire
+from tests.helpers import eventually
+
+
+async def _raw_nc(server: EmbeddedServer) -> nats.NATS:
+    return await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+
+
+async def test_a_lean_publish_arrives_as_nats_py_would_send_it(nats_server):
+    sender, receiver = await _raw_nc(nats_server), await _raw_nc(nats_server)
+    try:
+        got: asyncio.Queue = asyncio.Queue()
+        await receiver.subscribe("w.>", cb=got.put)
+        await receiver.flush()
+        w = Wire.of(sender)
+        assert w.lean and Wire.of(sender) is w
+        await w.publish("w.plain", b"one")
+        await w.publish("w.reply", b"two", reply="r.1")
+        await w.publish("w.headers", b"three", headers={"Nats-Msg-Id": "m-1", "X-A": "b c"})
+        await w.publish("w.empty", b"")
+        assert w.lean_publishes == 4
+        msgs = [await asyncio.wait_for(got.get(), 5) for _ in range(4)]
+        assert [(m.subject, m.data, m.reply) for m in msgs] == [
+            ("w.plain", b"one", ""), ("w.reply", b"two", "r.1"),
+            ("w.headers", b"three", ""), ("w.empty", b"", "")]
+        assert msgs[2].headers == {"Nats-Msg-Id": "m-1", "X-A": "b c"}
+    finally:
+        await sender.close()
+        await receiver.close()
+
+
+async def test_what_would_inject_protocol_is_refused_and_never_sent(nats_server):
+    sender, receiver = await _raw_nc(nats_server), await _raw_nc(nats_server)
+    try:
+        got: list[bytes] = []
+
+        async def on(msg):
+            got.append(msg.data)
+
+        await receiver.subscribe(">", cb=on)
+        await receiver.flush()
+        w = Wire.of(sender)
+        for subject, reply in [("a b", ""), ("a\r\nPUB x 1", ""), ("", ""), ("ok", "r\n1")]:
+            with pytest.raises(BadSubject):
+                await w.publish(subject, b"x", reply=reply)
+        with pytest.raises(ValueError, match="cannot travel"):
+            await w.publish("ok", b"x", headers={"Nats-Msg-Id": "a\r\nPUB evil 1"})
+        with pytest.raises(ValueError, match="cannot travel"):
+            await w.publish("ok", b"x", headers={"Bad:Key": "v"})
+        await w.publish("ok", b"after")
+        await eventually(lambda: got, timeout=5, what="the good message")
+        await asyncio.sleep(0.2)
+        assert got == [b"after"]  # nothing refused went out, and the connection is fine
+    finally:
+        await sender.close()
+        await receiver.close()
+
+
+async def test_a_routed_subscription_gets_raw_messages_and_the_others_stay_as_they_were(
+        nats_server):
+    nc = await _raw_nc(nats_server)
+    try:
+        w = Wire.of(nc)
+        raw: list[tuple[bytes, bytes, bytes, bytes | None]] = []
+        plain: asyncio.Queue = asyncio.Queue()
+        routed = await nc.subscribe("raw.*", cb=plain.put)  # its callback must not see them
+        w.route(routed._id, lambda s, r, d, h: raw.append((s, r, d, h)))
+        await nc.subscribe("plain.*", cb=plain.put)
+        await nc.flush()
+        await nc.publish("raw.1", b"a", reply="back.1", headers={"K": "v"})
+        await nc.publish("raw.2", b"b")
+        await nc.publish("plain.1", b"c")
+        msg = await asyncio.wait_for(plain.get(), 5)
+        await eventually(lambda: len(raw) == 2, timeout=5, what="two raw messages")
+        assert msg.subject == "plain.1" and plain.empty()
+        assert raw[0][:3] == (b"raw.1", b"back.1", b"a")
+        assert wire_mod.parse_header_block(raw[0][3] or b"") == {"K": "v"}
+        assert raw[1] == (b"raw.2", b"", b"b", None)
+        w.unroute(routed._id)  # back to nats-py's callback
+        await nc.publish("raw.3", b"d")
+        assert (await asyncio.wait_for(plain.get(), 5)).data == b"d"
+    finally:
+        await nc.close()
+
+
+async def test_a_handler_that_raises_does_not_stop_the_reader(nats_server):
+    nc = await _raw_nc(nats_server)
+    try:
+        w = Wire.of(nc)
+        seen: list[bytes] = []
+
+        def handler(s, r, d, h):
+            seen.append(d)
+            if d == b"boom":
+                raise RuntimeError("boom")
+
+        await w.subscribe("h.*", handler)
+        for body in (b"boom", b"fine"):
+            await w.publish("h.x", body)
+        await eventually(lambda: seen == [b"boom", b"fine"], timeout=5, what="both messages")
+    finally:
+        await nc.close()
+
+
+async def test_publishes_go_the_long_way_while_the_server_is_away_and_arrive_after(tmp_path):
+    server = EmbeddedServer(tmp_path / "nats")
+    server.start()
+    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="AWAY", subjects=["away.>"]))
+        w = Wire.of(nc)
+        await w.publish("away.1", b"before")
+        await nc.flush()
+        server.stop()
+        await eventually(lambda: not nc.is_connected, timeout=10, what="the disconnect")
+        lean = w.lean_publishes
+        await w.publish("away.2", b"while away")  # nats-py buffers it for the reconnect
+        assert w.lean_publishes == lean
+        server.start()
+        await eventually(lambda: nc.is_connected, timeout=20, what="the reconnect")
+        await w.publish("away.3", b"after")
+        assert w.lean_publishes == lean + 1
+        await nc.flush()
+
+        async def stored() -> list[bytes]:
+            return [(await js.get_msg("AWAY", seq)).data or b""
+                    for seq in range(1, (await js.stream_info("AWAY")).state.messages + 1)]
+
+        async def all_three() -> bool:
+            return len(await stored()) == 3
+
+        await eventually(all_three, timeout=10, what="three messages in the stream")
+        assert await stored() == [b"before", b"while away", b"after"]  # in order, none lost
+    finally:
+        await nc.close()
+        server.stop()
+    with pytest.raises(nats.errors.ConnectionClosedError):
+        await w.publish("closed.1", b"x")
+
+
+async def test_the_publisher_reads_acks_and_refusals_on_the_raw_route(bus):
+    await bus.js.add_stream(StreamConfig(name="WIRETEST", subjects=["wiretest.>"]))
+    pub = bus.publisher
+    acks = await asyncio.gather(*(pub.publish(f"wiretest.{i}", b"x") for i in range(50)))
+    assert sorted(a.seq for a in acks) == list(range(1, 51))
+    assert pub._sub is not None and pub._sub._id in pub.wire._routes
+    again = await pub.publish("wiretest.0", b"x", headers={"Nats-Msg-Id": "d-1"})
+    dup = await pub.publish("wiretest.0", b"x", headers={"Nats-Msg-Id": "d-1"})
+    assert dup.duplicate and dup.seq == again.seq
+    with pytest.raises(js_errors.NoStreamResponseError):
+        await pub.publish("nostream.here", b"x", timeout=5)
+    with pytest.raises(js_errors.KeyWrongLastSequenceError):
+        await pub.publish("wiretest.0", b"x",
+                          headers={"Nats-Expected-Last-Subject-Sequence": "1"})
+
+
+async def test_without_the_lean_path_the_same_calls_go_through_nats_py(nats_server):
+    nc = await _raw_nc(nats_server)
+    try:
+        w = Wire(nc)
+        w.lean = False  # what a nats-py without the members bus.wire uses gets
+        raw: list[tuple[bytes, bytes, bytes, bytes | None]] = []
+        await w.subscribe("slow.*", lambda s, r, d, h: raw.append((s, r, d, h)))
+        await nc.flush()
+        await w.publish("slow.1", b"a", reply="back.1", headers={"K": "v"})
+        await w.publish("slow.2", b"b")
+        await eventually(lambda: len(raw) == 2, timeout=5, what="two messages")
+        assert w.lean_publishes == 0 and not w._routes
+        assert raw[0][:3] == (b"slow.1", b"back.1", b"a")
+        assert wire_mod.parse_header_block(raw[0][3] or b"") == {"K": "v"}
+        assert raw[1] == (b"slow.2", b"", b"b", None)
+    finally:
+        await nc.close()
