@@ -293,3 +293,75 @@ async def test_a_job_with_no_progress_past_its_deadline_is_stale(bus, procs):
     finally:
         stop.set()
         await task
+
+
+# ---- the KV mirror ----------------------------------------------------------------------
+
+
+async def _mirror(bus, bucket: str):
+    from nats.js.api import KeyValueConfig
+
+    from services.monitor.mirror import KvMirror
+
+    kv = await bus.js.create_key_value(KeyValueConfig(bucket=bucket, history=1))
+    seen: dict[str, bytes] = {}
+    m = KvMirror(bus, bucket, lambda k, v, seq: seen.__setitem__(k, v),
+                 lambda k: seen.pop(k, None))
+    return kv, m, seen
+
+
+async def test_the_kv_mirror_copies_a_busy_bucket_in_order_and_answers_flow_control(bus):
+    kv, m, seen = await _mirror(bus, "mirrortest")
+    await m.start()
+    try:
+        assert m.ready.is_set()  # an empty bucket is ready at once
+        value = b"x" * 900
+        # Enough to make the server ask for flow control more than once.
+        await asyncio.gather(*(kv.put(f"k{i}", value + str(i).encode()) for i in range(3000)))
+        for i in range(0, 3000, 3):
+            await kv.delete(f"k{i}")
+        await kv.put("k1", b"changed")
+        await kv.purge("k2")
+        want = {f"k{i}": value + str(i).encode() for i in range(3000) if i % 3}
+        want["k1"] = b"changed"
+        del want["k2"]
+        await eventually(lambda: seen == want, timeout=30, what="the mirror to match the bucket")
+        assert (m.watches, m.gaps) == (1, 0)  # one consumer, never out of order
+        assert m.flow_controls > 0  # the server asked, and went on once answered
+        late = KvMirrorOf(bus, "mirrortest")
+        await late.m.start()
+        try:  # a mirror started on a full bucket replays its latest values, then is ready
+            await asyncio.wait_for(late.m.ready.wait(), 20)
+            assert late.seen == want
+        finally:
+            await late.m.stop()
+    finally:
+        await m.stop()
+
+
+class KvMirrorOf:
+    def __init__(self, bus, bucket: str) -> None:
+        from services.monitor.mirror import KvMirror
+
+        self.seen: dict[str, bytes] = {}
+        self.m = KvMirror(bus, bucket, lambda k, v, seq: self.seen.__setitem__(k, v),
+                          lambda k: self.seen.pop(k, None))
+
+
+async def test_a_kv_mirror_that_finds_itself_out_of_order_watches_afresh_and_misses_nothing(bus):
+    kv, m, seen = await _mirror(bus, "mirrorgap")
+    await kv.put("a", b"1")
+    await m.start()
+    try:
+        await eventually(lambda: seen == {"a": b"1"}, timeout=10, what="the first value")
+        m._cseq += 5  # as if five deliveries had never come
+        await kv.put("b", b"2")
+        await kv.delete("a")
+        await eventually(lambda: seen == {"b": b"2"}, timeout=20,
+                         what="the mirror to catch up after watching afresh")
+        assert m.gaps == 1 and m.watches == 2
+        await kv.put("c", b"3")
+        await eventually(lambda: seen == {"b": b"2", "c": b"3"}, timeout=10, what="later values")
+        assert m.gaps == 1  # the new watch is in order
+    finally:
+        await m.stop()
