@@ -74,7 +74,7 @@ class KvMirror:
             num_replicas=1, inactive_threshold=max(30.0, 6 * self.HEARTBEAT_S),
             max_deliver=1))
         self.watches += 1
-        if info.num_pending == 0 and not info.delivered.consumer_seq:
+        if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
             self.ready.set()  # an empty bucket sends nothing to say it is done
         self._reconnects = reconnects  # made afresh for this connection
 
