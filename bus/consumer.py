@@ -25,6 +25,7 @@ from nats.js.errors import NotFoundError
 
 from bus import codec, topology
 from bus.connection import Bus
+from bus.pull import Fetcher
 from bus.wire import Wire
 
 log = logging.getLogger(__name__)
@@ -236,8 +237,7 @@ class ConsumerLoop(Generic[T]):
 
     async def run(self) -> None:
         await topology.ensure_consumer(self.bus.js, self.stream, self.config)
-        sub = await self.bus.js.pull_subscribe_bind(
-            durable=self.config.durable_name or "", stream=self.stream)
+        fetcher = Fetcher(self.bus.nc, self.stream, self.config.durable_name or "")
         try:
             while not self._stopping.is_set():
                 free = self.concurrency - len(self._tasks)
@@ -245,7 +245,7 @@ class ConsumerLoop(Generic[T]):
                     await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
-                    msgs = await sub.fetch(batch=min(free, self.batch), timeout=1.0)
+                    msgs = await fetcher.fetch(min(free, self.batch), timeout=1.0)
                 except (TimeoutError, nats.errors.TimeoutError):
                     continue
                 except nats.errors.Error as exc:
@@ -258,8 +258,7 @@ class ConsumerLoop(Generic[T]):
                     task.add_done_callback(self._tasks.discard)
         finally:
             await self.drain()
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await fetcher.close()
 
     async def _one(self, msg: Msg) -> None:
         delivery = await decode_or_dead_letter(

@@ -187,3 +187,92 @@ async def test_without_the_lean_path_the_same_calls_go_through_nats_py(nats_serv
         assert raw[1] == (b"slow.2", b"", b"b", None)
     finally:
         await nc.close()
+
+
+# ---- Fetcher (the ConsumerLoop's fetch) ---------------------------------------------------
+
+
+async def _work_queue(bus, name: str):
+    from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy
+
+    await bus.js.add_stream(StreamConfig(name=name, subjects=[f"{name.lower()}.>"],
+                                         retention=RetentionPolicy.WORK_QUEUE))
+    await bus.js.add_consumer(name, ConsumerConfig(durable_name="d", ack_policy=AckPolicy.EXPLICIT,
+                                                   ack_wait=30))
+
+
+async def test_fetch_takes_what_is_there_in_order_up_to_its_batch(bus):
+    from bus.pull import Fetcher
+
+    await _work_queue(bus, "FQ")
+    for i in range(10):
+        await bus.js.publish("fq.x", b"%d" % i)
+    f = Fetcher(bus.nc, "FQ", "d")
+    try:
+        first = await f.fetch(4, timeout=2)
+        rest = await f.fetch(100, timeout=2)
+        assert [m.data for m in first + rest] == [b"%d" % i for i in range(10)]
+        assert len(first) == 4
+        for m in first + rest:
+            await m.ack()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(TimeoutError):
+            await f.fetch(8, timeout=0.5)  # nothing there: waits its timeout, then says so
+        assert loop.time() - t0 >= 0.45
+    finally:
+        await f.close()
+
+
+async def test_fetch_waits_for_the_first_message_and_keeps_what_comes_after(bus):
+    from bus.pull import Fetcher
+
+    await _work_queue(bus, "FW")
+    f = Fetcher(bus.nc, "FW", "d")
+    try:
+        async def later():
+            await asyncio.sleep(0.3)
+            await bus.js.publish("fw.x", b"a")
+            await asyncio.sleep(0.1)
+            await bus.js.publish("fw.x", b"b")
+
+        task = asyncio.ensure_future(later())
+        got = await f.fetch(8, timeout=5)
+        assert [m.data for m in got] == [b"a"]  # returned at the first, not at the timeout
+        await task
+        more = await f.fetch(8, timeout=5)  # delivered to the waiting request meanwhile
+        assert [m.data for m in more] == [b"b"]
+        assert got[0].headers is None and got[0].reply.startswith("$JS.ACK.FW.d.")
+        await got[0].ack()
+        await more[0].ack()
+    finally:
+        await f.close()
+
+
+async def test_fetched_messages_not_taken_go_back_at_close(bus):
+    from bus.pull import Fetcher
+
+    await _work_queue(bus, "FC")
+    f = Fetcher(bus.nc, "FC", "d")
+
+    async def first_one():
+        await asyncio.sleep(0.2)
+        await bus.js.publish("fc.x", b"0", headers={"Nats-Msg-Id": "m0"})
+
+    task = asyncio.ensure_future(first_one())
+    first = await f.fetch(10, timeout=5)  # leaves its request waiting for nine more
+    await task
+    assert [m.data for m in first] == [b"0"] and first[0].headers == {"Nats-Msg-Id": "m0"}
+    await first[0].ack()
+    for i in range(1, 5):
+        await bus.js.publish("fc.x", b"%d" % i)
+    await eventually(lambda: len(f._buffer) == 4, timeout=5, what="four delivered, not taken")
+    await f.close()  # back at once, not after the 30 s ack wait
+    g = Fetcher(bus.nc, "FC", "d")
+    try:
+        again = await g.fetch(10, timeout=5)
+        # (a redelivery keeps no order of its own)
+        assert sorted(m.data for m in again) == [b"1", b"2", b"3", b"4"]
+        assert all(m.metadata.num_delivered == 2 for m in again)
+    finally:
+        await g.close()
