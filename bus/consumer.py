@@ -75,11 +75,11 @@ class Delivery(Generic[T]):
 
     @property
     def num_delivered(self) -> int:
-        return int(self.msg.metadata.num_delivered)
+        return _ack_tokens(self.msg)[0]
 
     @property
     def stream_seq(self) -> int:
-        return int(self.msg.metadata.sequence.stream)
+        return _ack_tokens(self.msg)[1]
 
     async def ack(self) -> None:
         if not self.settled:
@@ -134,6 +134,20 @@ class _Beat:
         if self.handle is not None:
             self.handle.cancel()
             self.handle = None
+
+
+def _ack_tokens(msg: Msg) -> tuple[int, int]:
+    """(times delivered, stream sequence) read from the ack subject by hand
+    (`$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>...`, or the form with
+    domain and account hash); nats-py's metadata builds dataclasses and a
+    datetime."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9:
+        return int(tokens[4]), int(tokens[5])
+    if len(tokens) >= 11:
+        return int(tokens[6]), int(tokens[7])
+    meta = msg.metadata
+    return int(meta.num_delivered), int(meta.sequence.stream)
 
 
 async def ack(msg: Msg) -> None:

@@ -125,6 +125,20 @@ def test_ack_position_reads_both_forms_of_the_ack_subject():
     assert ack_position(None) is None
 
 
+def test_a_delivery_reads_its_count_and_sequence_as_nats_py_would():
+    from nats.aio.msg import Msg
+
+    from bus.consumer import Delivery
+
+    for reply in ("$JS.ACK.WORK.work-p1-echo.3.1234.99.1764193000123456789.5",
+                  "$JS.ACK.hub.ACCHASH.WORK.work-p1-echo.3.1234.99.1764193000123456789.5.tok"):
+        msg = Msg(_client=None, reply=reply)  # type: ignore[arg-type]
+        d = Delivery(msg=msg, data=b"", stream="WORK", consumer="work-p1-echo")
+        assert (d.num_delivered, d.stream_seq) == (3, 1234)
+        assert (d.num_delivered, d.stream_seq) == (msg.metadata.num_delivered,
+                                                   msg.metadata.sequence.stream)
+
+
 def test_the_embedded_server_gets_half_the_cpus_unless_gomaxprocs_is_set(tmp_path, monkeypatch):
     import os
 
