@@ -125,12 +125,27 @@ def unreadable(job_id: str, exc: codec.DecodeError) -> str:
     return f"the record of job {job_id} in KV jobs cannot be read ({exc.reason})"
 
 
-async def emit(bus: Bus, event: JobEvent, headers: dict[str, str] | None = None) -> None:
-    """Publish a job event on `events.jobs.<id>` with a stable dedup id."""
+def _stamp(event: JobEvent) -> str:
+    """The event's stable dedup id (set once)."""
     if not event.event_id:
         kind = event_kind(event)
         event.event_id = (f"{event.job_id}.{event.attempt}.{kind}" if kind != "progress"
                           else f"{event.job_id}.{event.attempt}.progress.{now():.6f}")
+    return event.event_id
+
+
+def say(bus: Bus, event: JobEvent) -> asyncio.Future[Any]:
+    """`emit` sent at once, handing back the future of its ack (no task and no
+    coroutine per event where no trace context has to ride with it)."""
+    if tracing.enabled():
+        return asyncio.ensure_future(emit(bus, event))
+    return bus.publisher.send(topology.job_events(event.job_id), codec.encode(event),
+                              headers={"Nats-Msg-Id": _stamp(event)})
+
+
+async def emit(bus: Bus, event: JobEvent, headers: dict[str, str] | None = None) -> None:
+    """Publish a job event on `events.jobs.<id>` with a stable dedup id."""
+    _stamp(event)
     if tracing.enabled() or headers:
         await bus.publish(topology.job_events(event.job_id), event, msg_id=event.event_id,
                           headers=headers)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import time
 from typing import Any
@@ -25,7 +26,7 @@ from nats.aio.client import Client as NATS
 from nats.js import errors as js_errors
 from nats.js.api import Header, PubAck
 
-from bus.wire import Wire, status_of
+from bus.wire import Wire, command, header_block, status_of
 
 NO_RESPONDERS = "503"
 _WRONG_LAST = (10071, 10164)
@@ -57,7 +58,7 @@ class Publisher:
         self._prefix = ""
         self._cut = 0
         self._sub: Any = None
-        self._waiting: dict[str, tuple[asyncio.Future[PubAck], float]] = {}
+        self._waiting: dict[str, tuple[asyncio.Future[PubAck], float, str]] = {}
         self._tokens = itertools.count()
         self._sweeper: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -77,25 +78,40 @@ class Publisher:
                       timeout: float = 10.0) -> PubAck:
         if self._sub is None:
             await self._start()
+        return await self.send(subject, body, headers, timeout)
+
+    def send(self, subject: str, body: bytes, headers: dict[str, str] | None = None,
+             timeout: float = 10.0) -> asyncio.Future[PubAck]:
+        """Publish now and hand back the future of its ack: no coroutine and no
+        task per message, for publishes whose acks are gathered later (events
+        said beside other work). Raises at once what the message cannot be
+        (bus.wire.BadSubject, a header that cannot travel)."""
+        loop = asyncio.get_running_loop()
+        if self._sub is None:  # the first publish of this connection subscribes first
+            return loop.create_task(self.publish(subject, body, headers, timeout))
         token = str(next(self._tokens))
         reply = self._prefix + token
-        future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
-        self._waiting[token] = (future, time.monotonic() + timeout)
-        denials = self.registry
-        denials[reply] = future
-        try:
-            await self.wire.publish(subject, body, reply, headers)
-            return await future
-        finally:
-            self._waiting.pop(token, None)
-            denials.pop(reply, None)
+        wire = self.wire
+        cmd = command(subject, body, reply, header_block(headers) if headers else None)
+        future: asyncio.Future[PubAck] = loop.create_future()
+        self._waiting[token] = (future, time.monotonic() + timeout, reply)
+        self.registry[reply] = future
+        if wire.on_request is not None:
+            wire.on_request(reply, subject)
+        if not wire.send(cmd):
+            # Not plainly connected: nats-py's publish buffers, waits or raises.
+            task = loop.create_task(wire.long(subject, body, reply, headers))
+            task.add_done_callback(functools.partial(_failed_send, future))
+        return future
 
     def _on_raw_ack(self, subject: bytes, _reply: bytes, data: bytes,
                     headers: bytes | None) -> None:
-        got = self._waiting.get(subject[self._cut:].decode())
-        if got is None or got[0].done():
+        got = self._waiting.pop(subject[self._cut:].decode(), None)
+        if got is None:
             return
-        self._settle(got[0], data, status_of(headers) == NO_RESPONDERS)
+        self.registry.pop(got[2], None)
+        if not got[0].done():
+            self._settle(got[0], data, status_of(headers) == NO_RESPONDERS)
 
     @staticmethod
     def _settle(future: asyncio.Future[PubAck], data: bytes, no_stream: bool) -> None:
@@ -127,10 +143,12 @@ class Publisher:
         while True:
             await asyncio.sleep(0.25)
             t = time.monotonic()
-            for token, (future, deadline) in list(self._waiting.items()):
-                if t >= deadline and not future.done():
-                    future.set_exception(nats.errors.TimeoutError())
+            for token, (future, deadline, reply) in list(self._waiting.items()):
+                if t >= deadline or future.done():
+                    if not future.done():
+                        future.set_exception(nats.errors.TimeoutError())
                     self._waiting.pop(token, None)
+                    self.registry.pop(reply, None)
 
     async def close(self) -> None:
         if self._sweeper is not None:
@@ -141,6 +159,15 @@ class Publisher:
                 await self._sub.unsubscribe()
 
 
+
+
+def _failed_send(future: asyncio.Future[PubAck], task: asyncio.Task[None]) -> None:
+    if future.done():
+        return
+    if task.cancelled():
+        future.cancel()
+    elif task.exception() is not None:
+        future.set_exception(task.exception())  # type: ignore[arg-type]
 
 
 async def cas(publisher: Publisher, subject: str, value: bytes, last: int) -> int:

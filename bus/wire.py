@@ -148,10 +148,12 @@ class Wire:
                 header_block(headers) if headers else None)
             if self.send(command(subject, body, reply, block)):
                 return
-        await self._long(subject, body, reply, headers, header_bytes)
+        await self.long(subject, body, reply, headers, header_bytes)
 
-    async def _long(self, subject: str, body: bytes, reply: str,
-                    headers: Mapping[str, str] | None, header_bytes: bytes | None) -> None:
+    async def long(self, subject: str, body: bytes, reply: str = "",
+                   headers: Mapping[str, str] | None = None,
+                   header_bytes: bytes | None = None) -> None:
+        """nats-py's own publish (what the lean path hands over to)."""
         if headers is None and header_bytes is not None:
             headers = parse_header_block(header_bytes)
         # The client's own publish (not a wrapper set on the instance, which

@@ -23,7 +23,7 @@ from bus import codec, kvread, topology, tracing
 from bus.adverts import AdvertBook
 from bus.connection import Bus
 from bus.consumer import ConsumerLoop, DeadLetterReaper, Delivery, Reject, Retry
-from bus.jobtable import JobTable, emit, unreadable
+from bus.jobtable import JobTable, emit, say, unreadable
 from schemas import lifecycle as lc
 from schemas.common import ErrorInfo, is_valid_id
 from schemas.events import Cancelled, Dead, Duplicate, Failed, Queued, Submitted, Unschedulable
@@ -162,10 +162,10 @@ class Dispatcher:
         # connection, so `submitted` and `queued` are stored before any worker
         # can see the job and say `running`. The doorbell rings as soon as the
         # work item is stored (with its priority, so workers look only there).
-        said = [asyncio.ensure_future(emit(self.bus, Submitted(
+        said = [say(self.bus, Submitted(
                     job_id=job_id, capability=dict(sub.capability), priority=sub.priority,
-                    user=sub.user, parent_job_id=sub.parent_job_id))),
-                asyncio.ensure_future(emit(self.bus, Queued(job_id=job_id, subject=subject)))]
+                    user=sub.user, parent_job_id=sub.parent_job_id)),
+                say(self.bus, Queued(job_id=job_id, subject=subject))]
         try:
             await self.bus.publish(subject, item, msg_id=job_id)
             await self.bus.signal(topology.work_doorbell(ctype),

@@ -168,6 +168,14 @@ async def test_the_publisher_reads_acks_and_refusals_on_the_raw_route(bus):
     with pytest.raises(js_errors.KeyWrongLastSequenceError):
         await pub.publish("wiretest.0", b"x",
                           headers={"Nats-Expected-Last-Subject-Sequence": "1"})
+    # send: the publish goes out at once, its ack comes as a future
+    futures = [pub.send(f"wiretest.s{i}", b"s") for i in range(20)]
+    assert [(await f).seq for f in futures] == list(range(again.seq + 1, again.seq + 21))
+    waiting = len(pub._waiting)
+    with pytest.raises(BadSubject):
+        pub.send("wiretest.bad subject", b"x")
+    assert len(pub._waiting) == waiting == 0  # nothing left behind for a refused message
+    assert not pub.registry
 
 
 async def test_without_the_lean_path_the_same_calls_go_through_nats_py(nats_server):
@@ -276,3 +284,25 @@ async def test_fetched_messages_not_taken_go_back_at_close(bus):
         assert all(m.metadata.num_delivered == 2 for m in again)
     finally:
         await g.close()
+
+
+async def test_an_event_sent_while_the_server_is_away_is_acked_after_it_is_back(tmp_path):
+    from bus.publisher import Publisher
+
+    server = EmbeddedServer(tmp_path / "nats")
+    server.start()
+    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="AWAYPUB", subjects=["awaypub.>"]))
+        pub = Publisher(nc)
+        assert (await pub.publish("awaypub.1", b"first")).seq == 1
+        server.stop()
+        await eventually(lambda: not nc.is_connected, timeout=10, what="the disconnect")
+        future = pub.send("awaypub.2", b"while away", timeout=30)  # nats-py buffers it
+        server.start()
+        ack = await asyncio.wait_for(future, 30)
+        assert ack.seq == 2 and ack.stream == "AWAYPUB"
+    finally:
+        await nc.close()
+        server.stop()

@@ -62,6 +62,7 @@ from bus import topology
 from bus.connection import Bus
 from bus.consumer import Delivery, decode_or_dead_letter
 from bus.pull import pull_now
+from bus.wire import Wire
 from schemas.common import now
 from schemas.jobs import WorkItem
 
@@ -110,8 +111,9 @@ class Intake:
 
     async def subscribe(self) -> None:
         for ctype in self.specs:
-            self._subs.append(await self.bus.nc.subscribe(topology.work_doorbell(ctype),
-                                                          cb=self._ring))
+            # Straight from the connection's reader (bus.wire): one bell per job.
+            self._subs.append(await Wire.of(self.bus.nc).subscribe(
+                topology.work_doorbell(ctype), self._ring))
         if self.linger_s > 0:
             self._linger_inbox = self.bus.nc.new_inbox()
             self._subs.append(await self.bus.nc.subscribe(f"{self._linger_inbox}.*",
@@ -123,14 +125,14 @@ class Intake:
         types = self.specs if ctype is None else [ctype]
         return {(p, t) for p in topology.PRIORITIES for t in types}
 
-    async def _ring(self, msg: Msg) -> None:
-        ctype = topology.doorbell_type(msg.subject)
+    def _ring(self, subject: bytes, _reply: bytes, data: bytes, _headers: bytes | None) -> None:
+        ctype = topology.doorbell_type(subject.decode())
         if self._own_bells.get(ctype):
             self._own_bells[ctype] -= 1  # rung for the others (a delegation): not for us
             return
         if ctype not in self.specs:
             return
-        prio = topology.doorbell_priority(msg.data)
+        prio = topology.doorbell_priority(data)
         pairs = self._all(ctype) if prio is None else {(prio, ctype)}
         # A pair with a pull request waiting gets its job through it: no need to look.
         pairs -= self._armed.keys()

@@ -41,7 +41,7 @@ from agents.worker.outcome import (
 from agents.worker.settle import Settler
 from bus import codec
 from bus.consumer import Delivery, backoff
-from bus.jobtable import JobTable, emit, unreadable
+from bus.jobtable import JobTable, emit, say, unreadable
 from bus.resources import ResourceStore
 from schemas.common import ErrorInfo
 from schemas.events import Running
@@ -158,13 +158,13 @@ class Pipeline:
             return Busy(0.1)
         att.started = True
         att.ctx = self._context(att)
-        att.pending.append(asyncio.ensure_future(emit(self.w.bus, Running(
+        att.pending.append(say(self.w.bus, Running(
             job_id=att.job_id, attempt=att.number, worker_id=self.w.worker_id, node=self.w.node,
             devices=att.devices,
             # Unique per delivery: after a handler's Delegate the same attempt
             # number runs again elsewhere and must have its own running event.
             event_id=f"{att.job_id}.{att.number}.running.{self.w.worker_id}."
-                     f"{att.delivery.num_delivered}"))))
+                     f"{att.delivery.num_delivered}")))
         for m in self._with("after_start"):
             await m.after_start(att)
         outcome = await att.invoke()
