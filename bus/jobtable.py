@@ -29,26 +29,30 @@ class JobTable:
     """KV `jobs` through compare-and-set, remembering the last revision it read
     or wrote of recent jobs: a transition then tries that revision first and
     costs one round trip instead of two. A stale guess only costs a failed CAS
-    (or a re-read when the mutation declines), so results are as if uncached."""
+    (or a re-read when the mutation declines), so results are as if uncached.
+
+    The states it remembers are the ones it hands out: read-only to everyone
+    (lifecycle transitions change a copy), so a transition starts from the
+    remembered state without decoding it again."""
 
     CACHE_SIZE = 4096
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self._kv: KeyValue | None = None
-        self._last: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
+        self._last: OrderedDict[str, tuple[JobState, int]] = OrderedDict()
 
-    def _remember(self, job_id: str, raw: bytes, revision: int) -> None:
-        self._last[job_id] = (raw, revision)
+    def _remember(self, job_id: str, state: JobState, revision: int) -> None:
+        self._last[job_id] = (state, revision)
         self._last.move_to_end(job_id)
         while len(self._last) > self.CACHE_SIZE:
             self._last.popitem(last=False)
 
-    def prime(self, job_id: str, raw: bytes, revision: int) -> None:
+    def prime(self, job_id: str, state: JobState, revision: int) -> None:
         """Remember a record and revision learnt elsewhere (a work item carries the
         dispatcher's), so the next transition needs no read to start from."""
         if job_id not in self._last or self._last[job_id][1] < revision:
-            self._remember(job_id, raw, revision)
+            self._remember(job_id, state, revision)
 
     async def kv(self) -> KeyValue:
         if self._kv is None:
@@ -63,8 +67,9 @@ class JobTable:
             return None
         if entry.value is None:
             return None
-        self._remember(job_id, entry.value, int(entry.revision or 0))
-        return codec.decode(entry.value, JobState), int(entry.revision or 0)
+        state, revision = codec.decode(entry.value, JobState), int(entry.revision or 0)
+        self._remember(job_id, state, revision)
+        return state, revision
 
     async def create(self, state: JobState) -> int | None:
         """Create the job's record; None when the job id is already known."""
@@ -79,7 +84,7 @@ class JobTable:
                 rev = int(await kv.create(state.job_id, raw))
             except KeyWrongLastSequenceError:
                 return None
-        self._remember(state.job_id, raw, rev)
+        self._remember(state.job_id, state, rev)
         return rev
 
     async def transition(self, job_id: str, mutate: Mutation,
@@ -92,7 +97,7 @@ class JobTable:
         cached = self._last.get(job_id)
         for _ in range(retries):
             if cached is not None:
-                state, rev = codec.decode(cached[0], JobState), cached[1]
+                state, rev = cached
             else:
                 current = await self.get(job_id)
                 if current is None:
@@ -113,7 +118,7 @@ class JobTable:
                 cached = None
                 await asyncio.sleep(0.005)
                 continue
-            self._remember(job_id, raw, new_rev)
+            self._remember(job_id, new, new_rev)
             return new, new_rev
         raise RuntimeError(f"job {job_id}: too many concurrent updates")
 

@@ -57,16 +57,26 @@ class BadSubject(ValueError):
     pass
 
 
+_BAD_VALUE = re.compile(r"[\r\n]").search
+_KEYS: dict[str, bytes] = {}  # header keys seen, checked, as `Key: ` bytes
+
+
 def header_block(headers: Mapping[str, str]) -> bytes:
     """The `NATS/1.0` header block of a publish (keys and values as given;
     a line break in a value would end the block, so it is refused)."""
-    parts = [_HEADER_LINE]
+    out = _HEADER_LINE
     for k, v in headers.items():
-        if "\r" in v or "\n" in v or "\r" in k or "\n" in k or ":" in k or not k:
-            raise ValueError(f"header {k!r}: {v!r} cannot travel (empty key, colon or line break)")
-        parts.append(b"%s: %s\r\n" % (k.encode(), v.encode()))
-    parts.append(b"\r\n")
-    return b"".join(parts)
+        key = _KEYS.get(k)
+        if key is None:
+            if not k or ":" in k or _BAD_VALUE(k) or " " in k:
+                raise ValueError(f"header {k!r} cannot travel (empty, colon, space or line break)")
+            key = b"%s: " % k.encode()
+            if len(_KEYS) < 256:
+                _KEYS[k] = key
+        if _BAD_VALUE(v):
+            raise ValueError(f"header {k!r}: {v!r} cannot travel (a line break)")
+        out += key + v.encode() + b"\r\n"
+    return out + b"\r\n"
 
 
 def command(subject: str, body: bytes, reply: str = "", headers: bytes | None = None) -> bytes:

@@ -229,7 +229,7 @@ class Pipeline:
             # changed it since, which the start's compare-and-set finds out. A
             # revision of 0 would make that compare-and-set a create: a work
             # item that no dispatcher sent could then record a job of its own.
-            self.jobs.prime(item.job_id, codec.encode(item.record), item.revision)
+            self.jobs.prime(item.job_id, item.record, item.revision)
             return item.record
         got = await self.jobs.get(item.job_id)
         return got[0] if got else None
