@@ -30,6 +30,7 @@ whether the connection has them; without them every call goes the long way.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -51,6 +52,22 @@ Handler = Callable[[bytes, bytes, bytes, "bytes | None"], None]
 
 _INTERNALS = ("_pending", "_pending_data_size", "_flush_queue", "_flusher_task",
               "_max_pending_size", "_process_msg")
+
+
+_FITS: dict[type, bool] = {}
+
+
+def _reader_fits(cls: type) -> bool:
+    """The reader calls `_process_msg(sid, subject, reply, data, headers)`, as
+    in the nats-py this was written against."""
+    fits = _FITS.get(cls)
+    if fits is None:
+        try:
+            names = list(inspect.signature(getattr(cls, "_process_msg")).parameters)  # noqa: B009
+        except (AttributeError, TypeError, ValueError):
+            names = []
+        fits = _FITS[cls] = names == ["self", "sid", "subject", "reply", "data", "headers"]
+    return fits
 
 
 class BadSubject(ValueError):
@@ -99,8 +116,9 @@ class Wire:
 
     def __init__(self, nc: NATS) -> None:
         self.nc = nc
-        self.lean = all(hasattr(nc, a) for a in _INTERNALS) and isinstance(
-            getattr(nc, "_pending", None), list)
+        self.lean = (all(hasattr(nc, a) for a in _INTERNALS)
+                     and isinstance(getattr(nc, "_pending", None), list)
+                     and _reader_fits(type(nc)))
         self._routes: dict[int, Handler] = {}
         # Told of every publish with a reply (bus.connection.Denials), so a
         # refusal by the server can be matched to the requests it fails.
