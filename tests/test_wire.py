@@ -5,6 +5,7 @@ whenever the connection is not plainly up they hand over to nats-py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import nats
 import pytest
@@ -117,13 +118,24 @@ async def test_a_handler_that_raises_does_not_stop_the_reader(nats_server):
         await nc.close()
 
 
-async def test_publishes_go_the_long_way_while_the_server_is_away_and_arrive_after(tmp_path):
+@contextlib.asynccontextmanager
+async def _server_to_stop(tmp_path, stream: str):
+    """A server of the test's own (to stop and start again), a client that
+    reconnects for ever, and a stream on `<stream lower-cased>.>`."""
     server = EmbeddedServer(tmp_path / "nats")
     server.start()
     nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     try:
         js = nc.jetstream()
-        await js.add_stream(StreamConfig(name="AWAY", subjects=["away.>"]))
+        await js.add_stream(StreamConfig(name=stream, subjects=[f"{stream.lower()}.>"]))
+        yield server, nc, js
+    finally:
+        await nc.close()
+        server.stop()
+
+
+async def test_publishes_go_the_long_way_while_the_server_is_away_and_arrive_after(tmp_path):
+    async with _server_to_stop(tmp_path, "AWAY") as (server, nc, js):
         w = Wire.of(nc)
         await w.publish("away.1", b"before")
         await nc.flush()
@@ -147,9 +159,6 @@ async def test_publishes_go_the_long_way_while_the_server_is_away_and_arrive_aft
 
         await eventually(all_three, timeout=10, what="three messages in the stream")
         assert await stored() == [b"before", b"while away", b"after"]  # in order, none lost
-    finally:
-        await nc.close()
-        server.stop()
     with pytest.raises(nats.errors.ConnectionClosedError):
         await w.publish("closed.1", b"x")
 
@@ -297,12 +306,7 @@ async def test_fetched_messages_not_taken_go_back_at_close(bus):
 async def test_an_event_sent_while_the_server_is_away_is_acked_after_it_is_back(tmp_path):
     from bus.publisher import Publisher
 
-    server = EmbeddedServer(tmp_path / "nats")
-    server.start()
-    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
-    try:
-        js = nc.jetstream()
-        await js.add_stream(StreamConfig(name="AWAYPUB", subjects=["awaypub.>"]))
+    async with _server_to_stop(tmp_path, "AWAYPUB") as (server, nc, _js):
         pub = Publisher(nc)
         assert (await pub.publish("awaypub.1", b"first")).seq == 1
         server.stop()
@@ -311,6 +315,3 @@ async def test_an_event_sent_while_the_server_is_away_is_acked_after_it_is_back(
         server.start()
         ack = await asyncio.wait_for(future, 30)
         assert ack.seq == 2 and ack.stream == "AWAYPUB"
-    finally:
-        await nc.close()
-        server.stop()
