@@ -365,3 +365,29 @@ async def test_a_kv_mirror_that_finds_itself_out_of_order_watches_afresh_and_mis
         assert m.gaps == 1  # the new watch is in order
     finally:
         await m.stop()
+
+
+async def test_a_kv_mirror_whose_consumer_vanished_hears_the_silence_and_watches_afresh(bus):
+    """What a cluster fail-over does to an R1 consumer while the connection stays up."""
+    kv, m, seen = await _mirror(bus, "mirrorlost")
+    m.HEARTBEAT_S = 0.5
+    await kv.put("a", b"1")
+    await m.start()
+    try:
+        await eventually(lambda: seen == {"a": b"1"}, timeout=10, what="the first value")
+        await m.check()
+        assert m.watches == 1  # heartbeats arrive: nothing to do
+        await asyncio.sleep(1.0)
+        await m.check()
+        assert m.watches == 1 and m.silences == 0
+        await bus.js.delete_consumer("KV_mirrorlost", m.consumer)
+        await kv.put("b", b"2")
+
+        async def checked() -> bool:
+            await m.check()
+            return seen == {"a": b"1", "b": b"2"}
+
+        await eventually(checked, timeout=20, interval=0.2, what="the mirror to watch afresh")
+        assert m.silences == 1 and m.watches == 2
+    finally:
+        await m.stop()

@@ -11,8 +11,9 @@ heartbeat must not name a later one. On a gap the bucket is watched afresh
 from its latest values (applying a value twice is harmless).
 
 KV watchers can stop silently after a server restart (nats.py #510), so the
-owner calls `check()` on its loop: after a reconnect the subscription is made
-afresh and the whole bucket replayed. `ready` is set once the first replay is
+owner calls `check()` on its loop: after a reconnect, or when the consumer
+missed three idle heartbeats, the subscription is made afresh and the whole
+bucket replayed. `ready` is set once the first replay is
 complete.
 """
 
@@ -22,6 +23,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +52,7 @@ class KvMirror:
         self.watches = 0  # how many times the bucket was watched afresh
         self.gaps = 0  # out-of-order deliveries that made it so
         self.flow_controls = 0  # flow control requests answered
+        self.silences = 0  # watched afresh after missed heartbeats
         self._stream = f"KV_{bucket}"
         self._prefix = topology.kv_subject(bucket)
         self._cut = len(self._prefix)
@@ -59,6 +62,8 @@ class KvMirror:
         self._again: asyncio.Task[None] | None = None
         self._generation = 0  # which watch a delivery belongs to
         self._bg: set[asyncio.Future[None]] = set()
+        self._heard = 0.0  # when the consumer last said anything (a value or a heartbeat)
+        self.consumer = ""
 
     async def start(self) -> None:
         reconnects = int(self.bus.nc.stats.get("reconnects", 0))
@@ -74,15 +79,26 @@ class KvMirror:
             num_replicas=1, inactive_threshold=max(30.0, 6 * self.HEARTBEAT_S),
             max_deliver=1))
         self.watches += 1
+        self.consumer = info.name
+        self._heard = time.monotonic()
         if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
             self.ready.set()  # an empty bucket sends nothing to say it is done
         self._reconnects = reconnects  # made afresh for this connection
 
     async def check(self) -> None:
-        """Re-subscribe after a reconnect (the watcher may have died silently)."""
+        """Re-subscribe after a reconnect (the watcher may have died silently),
+        or when the consumer missed three idle heartbeats (gone with its server
+        in a cluster fail-over while this connection stayed up)."""
         reconnects = int(self.bus.nc.stats.get("reconnects", 0))
-        if reconnects != self._reconnects and self.bus.nc.is_connected:
+        if not self.bus.nc.is_connected:
+            return
+        if reconnects != self._reconnects:
             log.info("re-watching KV %s after a reconnect", self.bucket)
+            await self._watch_again()
+        elif self._sub is not None and time.monotonic() - self._heard > 3 * self.HEARTBEAT_S:
+            log.warning("KV %s mirror heard nothing for %.0f s: watching afresh", self.bucket,
+                        time.monotonic() - self._heard)
+            self.silences += 1
             await self._watch_again()
 
     async def _watch_again(self) -> None:
@@ -100,6 +116,7 @@ class KvMirror:
             headers: bytes | None) -> None:
         if generation != self._generation or self._sub is None:
             return  # an earlier watch's delivery, still on its way
+        self._heard = time.monotonic()
         if not reply.startswith(b"$JS.ACK."):
             self._control(reply, data, headers)
             return
