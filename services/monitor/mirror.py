@@ -72,15 +72,17 @@ class KvMirror:
         wire = Wire.of(self.bus.nc)
         inbox = self.bus.nc.new_inbox()
         self._sub = await wire.subscribe(inbox, functools.partial(self._on, self._generation))
+        # Counted before the consumer exists: it delivers as soon as it does,
+        # possibly before its creation is answered.
+        self.watches += 1
+        self._heard = time.monotonic()
         info = await self.bus.js.add_consumer(self._stream, ConsumerConfig(
             deliver_subject=inbox, filter_subject=f"{self._prefix}>",
             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
             flow_control=True, idle_heartbeat=self.HEARTBEAT_S, mem_storage=True,
             num_replicas=1, inactive_threshold=max(30.0, 6 * self.HEARTBEAT_S),
             max_deliver=1))
-        self.watches += 1
         self.consumer = info.name
-        self._heard = time.monotonic()
         if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
             self.ready.set()  # an empty bucket sends nothing to say it is done
         self._reconnects = reconnects  # made afresh for this connection
